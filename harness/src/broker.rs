@@ -1,0 +1,184 @@
+//! The Kafka-protocol broker used by the tests: nisshi (formerly tansu), installed by
+//! `scripts/dev-env.sh` into a cache directory.
+//!
+//! Memory storage is fast and lost on restart; sqlite storage survives kill -9 and restart.
+
+use crate::ports::free_port;
+use crate::process::{ManagedProcess, Spec, WorkDir};
+use crate::wait_for;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the broker keeps data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// `memory://` — fast, gone on restart.
+    Memory,
+    /// `sqlite://FILE` in the broker's directory — survives kill -9 and restart.
+    Sqlite,
+}
+
+/// Path of the nisshi binary: `$NISSHI_BIN`, else the cache path used by `scripts/dev-env.sh`.
+pub fn broker_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NISSHI_BIN") {
+        return p.into();
+    }
+    let cache = std::env::var_os("REDIS_REPL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                })
+                .join("redis-repl")
+        });
+    cache.join("nisshi-0.8.1/bin/nisshi")
+}
+
+#[derive(Debug)]
+pub struct Broker {
+    // The process is dropped before its directory.
+    process: ManagedProcess,
+    port: u16,
+    storage: Storage,
+    _dir: WorkDir,
+}
+
+impl Broker {
+    /// Starts a broker on a free port from an empty directory and waits until it serves metadata.
+    pub fn start(storage: Storage) -> anyhow::Result<Broker> {
+        let bin = broker_bin();
+        anyhow::ensure!(
+            bin.exists(),
+            "broker binary {} not found: run scripts/dev-env.sh (or set NISSHI_BIN)",
+            bin.display()
+        );
+        let dir = WorkDir::new("broker")?;
+        let port = free_port();
+        let cwd = dir.subdir("run")?;
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let engine = match storage {
+            Storage::Memory => "memory://nisshi/".to_owned(),
+            Storage::Sqlite => format!("sqlite://{}", cwd.join("broker.db").display()),
+        };
+        let process = ManagedProcess::spawn(Spec {
+            name: format!("broker-{port}"),
+            program: bin,
+            args: vec![
+                "broker".into(),
+                "--listener-url".into(),
+                listener.clone(),
+                "--advertised-listener-url".into(),
+                listener,
+                "--storage-engine".into(),
+                engine,
+            ],
+            cwd,
+            env: vec![("RUST_LOG".into(), "warn".into())],
+        })?;
+        let broker = Broker {
+            process,
+            port,
+            storage,
+            _dir: dir,
+        };
+        broker.wait_ready()?;
+        Ok(broker)
+    }
+
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        let consumer: BaseConsumer = self.client_config().create()?;
+        wait_for(
+            &format!("broker on port {} to serve metadata", self.port),
+            Duration::from_secs(30),
+            || {
+                consumer
+                    .fetch_metadata(None, Duration::from_secs(1))
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn storage(&self) -> Storage {
+        self.storage
+    }
+
+    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A client configuration pointing at this broker.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.bootstrap());
+        c
+    }
+
+    /// Creates `topic` with `partitions` partitions and waits until metadata shows them.
+    pub fn create_topic(&self, topic: &str, partitions: u32) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+        let results = rt.block_on(admin.create_topics([&new], &AdminOptions::new()))?;
+        for r in results {
+            if let Err((name, code)) = r {
+                anyhow::bail!("create topic {name}: {code:?}");
+            }
+        }
+        wait_for(
+            &format!("topic {topic} with {partitions} partitions"),
+            Duration::from_secs(20),
+            || {
+                self.partition_count(topic)
+                    .filter(|&n| n == partitions)
+                    .map(|_| ())
+            },
+        )
+    }
+
+    /// The topic's partition count, from metadata.
+    pub fn partition_count(&self, topic: &str) -> Option<u32> {
+        let consumer: BaseConsumer = self.client_config().create().ok()?;
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(2))
+            .ok()?;
+        let t = md.topics().iter().find(|t| t.name() == topic)?;
+        (t.error().is_none() && !t.partitions().is_empty()).then(|| t.partitions().len() as u32)
+    }
+
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    pub fn stop(&mut self) {
+        self.process.stop(Duration::from_secs(10));
+    }
+
+    /// Starts the broker again on the same port with the same storage.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.restart()?;
+        self.wait_ready()
+    }
+
+    pub fn process(&mut self) -> &mut ManagedProcess {
+        &mut self.process
+    }
+}
+
+/// A random topic name, so tests sharing a broker never collide.
+pub fn random_topic(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}

@@ -1,0 +1,262 @@
+//! A Redis Cluster of N masters with replicas, formed with `redis-cli --cluster create`.
+
+use crate::process::WorkDir;
+use crate::redis::{cli_bin, RedisConfig, RedisServer};
+use crate::wait_for;
+use std::process::Command;
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct RedisCluster {
+    // Servers are dropped before the directory they live in.
+    nodes: Vec<RedisServer>,
+    _dir: WorkDir,
+}
+
+impl RedisCluster {
+    /// Starts `masters * (1 + replicas)` nodes and forms a cluster with all slots covered.
+    pub fn start(
+        masters: usize,
+        replicas: usize,
+        config: RedisConfig,
+    ) -> anyhow::Result<RedisCluster> {
+        anyhow::ensure!(masters >= 1, "a cluster needs at least one master");
+        let dir = WorkDir::new("cluster")?;
+        let mut nodes = Vec::new();
+        for i in 0..masters * (1 + replicas) {
+            let cfg = RedisConfig {
+                cluster_enabled: true,
+                ..config.clone()
+            };
+            nodes.push(RedisServer::start_in(
+                cfg,
+                dir.subdir(&format!("node-{i}"))?,
+            )?);
+        }
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(|n| n.addr()));
+        args.extend([
+            "--cluster-replicas".into(),
+            replicas.to_string(),
+            "--cluster-yes".into(),
+        ]);
+        if let Some(p) = &config.password {
+            args.extend(["-a".into(), p.clone(), "--no-auth-warning".into()]);
+        }
+        let out = Command::new(cli_bin()).args(&args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes, _dir: dir };
+        cluster.wait_stable()?;
+        Ok(cluster)
+    }
+
+    /// Waits until every node reports `cluster_state:ok` and agrees on the number of masters.
+    pub fn wait_stable(&self) -> anyhow::Result<()> {
+        let n = self.nodes.len().to_string();
+        wait_for(
+            "cluster_state:ok, all nodes known and replicas in sync",
+            Duration::from_secs(60),
+            || {
+                self.nodes
+                    .iter()
+                    .all(|node| {
+                        node.info_cluster_field("cluster_state").as_deref() == Some("ok")
+                            && node.info_cluster_field("cluster_known_nodes").as_deref()
+                                == Some(n.as_str())
+                            && (node.role().as_deref() != Some("slave")
+                                || node
+                                    .info_field("replication", "master_link_status")
+                                    .as_deref()
+                                    == Some("up"))
+                    })
+                    .then_some(())
+            },
+        )
+    }
+
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    pub fn nodes_mut(&mut self) -> &mut [RedisServer] {
+        &mut self.nodes
+    }
+
+    /// Nodes that are masters now (by `ROLE`).
+    pub fn masters(&self) -> Vec<&RedisServer> {
+        self.nodes
+            .iter()
+            .filter(|n| n.role().as_deref() == Some("master"))
+            .collect()
+    }
+
+    /// Nodes that are replicas now.
+    pub fn replicas(&self) -> Vec<&RedisServer> {
+        self.nodes
+            .iter()
+            .filter(|n| n.role().as_deref() == Some("slave"))
+            .collect()
+    }
+
+    /// The master that owns `slot`, by asking any node.
+    pub fn master_of_slot(&self, slot: u16) -> Option<&RedisServer> {
+        let port = self.slot_owner_port(slot)?;
+        self.nodes.iter().find(|n| n.port() == port)
+    }
+
+    fn slot_owner_port(&self, slot: u16) -> Option<u16> {
+        let shards: redis::Value = self.nodes[0].cmd(&["CLUSTER", "SLOTS"]).ok()?;
+        let redis::Value::Array(ranges) = shards else {
+            return None;
+        };
+        for r in ranges {
+            let redis::Value::Array(items) = r else {
+                continue;
+            };
+            let (Some(redis::Value::Int(lo)), Some(redis::Value::Int(hi))) =
+                (items.first(), items.get(1))
+            else {
+                continue;
+            };
+            if (*lo..=*hi).contains(&i64::from(slot)) {
+                if let Some(redis::Value::Array(node)) = items.get(2) {
+                    if let Some(redis::Value::Int(port)) = node.get(1) {
+                        return Some(*port as u16);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs `CLUSTER FAILOVER` on `replica_port` and waits until it is a master and the cluster
+    /// is stable again.
+    pub fn failover(&self, replica_port: u16) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.port() == replica_port)
+            .ok_or_else(|| anyhow::anyhow!("no node on port {replica_port}"))?;
+        // A manual failover times out (5 s in Redis) when the master has not yet heard of the
+        // replica over the bus; asking again is what an operator would do.
+        let mut promoted = Err(anyhow::anyhow!("not attempted"));
+        for _ in 0..4 {
+            let _: String = node.cmd(&["CLUSTER", "FAILOVER"])?;
+            promoted = wait_for(
+                "replica promoted by CLUSTER FAILOVER",
+                Duration::from_secs(8),
+                || (node.role().as_deref() == Some("master")).then_some(()),
+            );
+            if promoted.is_ok() {
+                break;
+            }
+        }
+        promoted?;
+        let id: String = node.cmd(&["CLUSTER", "MYID"])?;
+        wait_for(
+            "every node to see the promoted master",
+            Duration::from_secs(30),
+            || {
+                self.nodes
+                    .iter()
+                    .all(|n| {
+                        let nodes: String = n.cmd(&["CLUSTER", "NODES"]).unwrap_or_default();
+                        nodes
+                            .lines()
+                            .any(|l| l.starts_with(&id) && l.contains("master"))
+                    })
+                    .then_some(())
+            },
+        )?;
+        self.wait_stable()
+    }
+
+    /// Moves `slot` and its keys to the master on `to_port`, the way `redis-cli --cluster reshard`
+    /// does: IMPORTING/MIGRATING, MIGRATE in batches, then SETSLOT NODE everywhere.
+    pub fn migrate_slot(&self, slot: u16, to_port: u16) -> anyhow::Result<()> {
+        let from = self
+            .master_of_slot(slot)
+            .ok_or_else(|| anyhow::anyhow!("slot {slot} has no owner"))?;
+        let to = self
+            .nodes
+            .iter()
+            .find(|n| n.port() == to_port)
+            .ok_or_else(|| anyhow::anyhow!("no node on port {to_port}"))?;
+        if from.port() == to.port() {
+            return Ok(());
+        }
+        let s = slot.to_string();
+        let from_id: String = from.cmd(&["CLUSTER", "MYID"])?;
+        let to_id: String = to.cmd(&["CLUSTER", "MYID"])?;
+        let _: String = to.cmd(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id])?;
+        let _: String = from.cmd(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id])?;
+        loop {
+            let keys: Vec<Vec<u8>> = from.cmd(&["CLUSTER", "GETKEYSINSLOT", &s, "100"])?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut c = from.conn();
+            let mut cmd = redis::cmd("MIGRATE");
+            cmd.arg("127.0.0.1")
+                .arg(to.port())
+                .arg("")
+                .arg(0)
+                .arg(10000)
+                .arg("REPLACE");
+            if let Some(p) = from.password() {
+                cmd.arg("AUTH").arg(p);
+            }
+            cmd.arg("KEYS");
+            for k in &keys {
+                cmd.arg(k.as_slice());
+            }
+            let _: String = cmd.query(&mut c)?;
+        }
+        for n in &self.nodes {
+            if n.role().as_deref() == Some("master") {
+                let _: redis::RedisResult<String> =
+                    n.cmd(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+            }
+        }
+        wait_for(
+            "every node to see the new slot owner",
+            Duration::from_secs(20),
+            || {
+                self.nodes
+                    .iter()
+                    .all(|n| {
+                        n.cmd::<redis::Value>(&["CLUSTER", "SLOTS"]).is_ok()
+                            && self.slot_owner_port(slot) == Some(to.port())
+                    })
+                    .then_some(())
+            },
+        )
+    }
+}
+
+impl RedisServer {
+    /// `master` or `slave`, from `ROLE`.
+    pub fn role(&self) -> Option<String> {
+        let v: Vec<redis::Value> = self.cmd(&["ROLE"]).ok()?;
+        match v.first()? {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            redis::Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    /// A field of `CLUSTER INFO`.
+    pub fn info_cluster_field(&self, field: &str) -> Option<String> {
+        let info: String = self.cmd(&["CLUSTER", "INFO"]).ok()?;
+        info.lines().find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')
+                .map(|v| v.trim().to_owned())
+        })
+    }
+}

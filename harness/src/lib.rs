@@ -1,0 +1,42 @@
+//! Test harness: real processes on 127.0.0.1 with free ports, cleaned up with the test.
+//!
+//! - [`process`]: a spawned server that dies with the test (even on panic or kill), keeps its log
+//!   and prints it when the test fails; kill -9 and restart helpers.
+//! - [`redis`]: a standalone `redis-server` with auth, ACL users, maxmemory, and a binary
+//!   override (`REDIS_SERVER_BIN`); a master with a replica.
+//! - [`cluster`]: a Redis Cluster of N masters with replicas, with failover and slot migration.
+//! - [`broker`]: the Kafka-protocol broker (nisshi) with memory or sqlite storage, and topics.
+//! - [`fake_master`]: plays a recorded replication capture from the corpus to a replica.
+//! - [`dataset`]: reads a deployment (or a corpus JSON) into canonical form and compares two.
+//! - [`corpus`]: where `../shared/corpus` is.
+
+pub mod broker;
+pub mod cluster;
+pub mod corpus;
+pub mod dataset;
+pub mod fake_master;
+pub mod ports;
+pub mod process;
+pub mod redis;
+
+use std::time::{Duration, Instant};
+
+/// Polls `f` until it returns `Some`, or fails with `what` after `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
