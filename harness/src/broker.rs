@@ -64,7 +64,8 @@ impl Broker {
         let listener = format!("tcp://127.0.0.1:{port}");
         let engine = match storage {
             Storage::Memory => "memory://nisshi/".to_owned(),
-            Storage::Sqlite => format!("sqlite://{}", cwd.join("broker.db").display()),
+            // nisshi resolves the sqlite path relative to its working directory.
+            Storage::Sqlite => "sqlite://broker.db".to_owned(),
         };
         let process = ManagedProcess::spawn(Spec {
             name: format!("broker-{port}"),
@@ -87,7 +88,9 @@ impl Broker {
             storage,
             _dir: dir,
         };
-        broker.wait_ready()?;
+        if let Err(e) = broker.wait_ready() {
+            anyhow::bail!("{e}; broker log:\n{}", broker.process.log_tail(2000));
+        }
         Ok(broker)
     }
 

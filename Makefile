@@ -1,0 +1,23 @@
+# Command index. Each target is one line so it reads as a list of what you can do.
+.PHONY: env build test e2e bench fuzz lint fmt schema run
+
+env:    ## install redis-server and the test broker (idempotent)
+	scripts/dev-env.sh
+build:  ## build everything
+	cargo build --workspace --all-targets
+test:   ## every test, as CI runs it
+	scripts/test.sh
+e2e:    ## whole-pipeline scenarios only
+	cargo test -p tests
+bench:  ## criterion benchmarks (figures go to docs/benchmarks.md)
+	cargo bench --workspace
+fuzz:   ## fuzz the rdb and resp decoders (needs cargo-fuzz and nightly)
+	cd source-connector && cargo +nightly fuzz run rdb -- -runs=10000000 && cargo +nightly fuzz run resp -- -runs=10000000
+lint:   ## formatting and clippy, as CI checks them
+	cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
+fmt:
+	cargo fmt --all
+schema: ## refresh the committed descriptor set after adding fields
+	cargo run -q -p proto --example write_descriptor -- schemas/redis_repl_v1.binpb
+run:    ## the local pipeline
+	scripts/run-local.sh
