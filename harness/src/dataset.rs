@@ -26,13 +26,16 @@ pub enum Value {
     },
 }
 
+/// A stream entry: id and its field/value pairs, in stored order.
+pub type StreamEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Stream {
     pub length: u64,
     pub last_id: String,
     pub entries_added: Option<u64>,
     pub max_deleted_id: Option<String>,
-    pub entries: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>,
+    pub entries: Vec<StreamEntry>,
     pub groups: Vec<Group>,
 }
 

@@ -1,0 +1,157 @@
+//! The master's replies that frame a sync: the PSYNC reply line, keep-alive newlines, and the RDB
+//! transfer header (`$<len>` for disk-based sync, `$EOF:<40-byte mark>` for diskless). Pure
+//! parsers over buffered bytes: each returns what it read and how many bytes that took, or `None`
+//! when more input is needed.
+
+/// Length of the random end mark of a diskless transfer (`RDB_EOF_MARK_SIZE`).
+pub const EOF_MARK_LEN: usize = 40;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PsyncReply {
+    /// `+FULLRESYNC <replid> <offset>`: a snapshot follows; the stream continues from `offset`.
+    FullResync { replid: String, offset: u64 },
+    /// `+CONTINUE [<new replid>]`: partial resync accepted.
+    Continue { new_replid: Option<String> },
+    /// An error line (`-LOADING`, `-NOMASTERLINK`, `-NOAUTH`, `-NOPERM` ...): its code and text.
+    Error { code: String, message: String },
+}
+
+/// How the RDB payload is delimited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RdbFraming {
+    Length(u64),
+    EofMark(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sync reply: {0}")]
+pub struct Error(pub String);
+
+/// Skips keep-alive newlines; returns how many there were.
+pub fn skip_newlines(buf: &[u8]) -> usize {
+    buf.iter().take_while(|&&b| b == b'\n').count()
+}
+
+fn line(buf: &[u8]) -> Result<Option<(&str, usize)>, Error> {
+    let Some(i) = buf.iter().position(|&b| b == b'\n') else {
+        if buf.len() > 1024 {
+            return Err(Error("reply line longer than 1024 bytes".into()));
+        }
+        return Ok(None);
+    };
+    let text =
+        std::str::from_utf8(&buf[..i]).map_err(|_| Error("reply line is not text".into()))?;
+    Ok(Some((text.trim_end_matches('\r'), i + 1)))
+}
+
+/// Parses the reply to PSYNC (after any leading newlines, which it skips and counts in the
+/// returned length).
+pub fn psync_reply(buf: &[u8]) -> Result<Option<(PsyncReply, usize)>, Error> {
+    let skip = skip_newlines(buf);
+    let Some((text, used)) = line(&buf[skip..])? else {
+        return Ok(None);
+    };
+    let mut words = text.split(' ');
+    let reply = match words.next().unwrap_or_default() {
+        "+FULLRESYNC" => {
+            let replid = words
+                .next()
+                .filter(|r| r.len() == 40)
+                .ok_or_else(|| Error(format!("bad FULLRESYNC line {text:?}")))?;
+            let offset = words
+                .next()
+                .and_then(|o| o.parse().ok())
+                .ok_or_else(|| Error(format!("bad FULLRESYNC line {text:?}")))?;
+            PsyncReply::FullResync {
+                replid: replid.to_owned(),
+                offset,
+            }
+        }
+        "+CONTINUE" => PsyncReply::Continue {
+            new_replid: words.next().filter(|r| !r.is_empty()).map(str::to_owned),
+        },
+        w if w.starts_with('-') => PsyncReply::Error {
+            code: w[1..].to_owned(),
+            message: text[1..].to_owned(),
+        },
+        _ => {
+            return Err(Error(format!(
+                "unexpected reply to PSYNC: {:?}",
+                text.chars().take(80).collect::<String>()
+            )))
+        }
+    };
+    Ok(Some((reply, skip + used)))
+}
+
+/// Parses the RDB transfer header (after any keep-alive newlines, counted in the length).
+pub fn rdb_framing(buf: &[u8]) -> Result<Option<(RdbFraming, usize)>, Error> {
+    let skip = skip_newlines(buf);
+    let Some((text, used)) = line(&buf[skip..])? else {
+        return Ok(None);
+    };
+    let framing = if let Some(mark) = text.strip_prefix("$EOF:") {
+        if mark.len() != EOF_MARK_LEN {
+            return Err(Error(format!(
+                "EOF mark of {} bytes, expected {EOF_MARK_LEN}",
+                mark.len()
+            )));
+        }
+        RdbFraming::EofMark(mark.as_bytes().to_vec())
+    } else if let Some(len) = text.strip_prefix('$') {
+        RdbFraming::Length(
+            len.parse()
+                .map_err(|_| Error(format!("bad RDB length {text:?}")))?,
+        )
+    } else if let Some(err) = text.strip_prefix('-') {
+        return Err(Error(format!("master error instead of RDB: {err}")));
+    } else {
+        return Err(Error(format!(
+            "expected $<len> or $EOF:<mark>, got {:?}",
+            text.chars().take(80).collect::<String>()
+        )));
+    };
+    Ok(Some((framing, skip + used)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies() {
+        let r = format!("\n\n+FULLRESYNC {} 42\r\nrest", "a".repeat(40));
+        let (reply, used) = psync_reply(r.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            reply,
+            PsyncReply::FullResync {
+                replid: "a".repeat(40),
+                offset: 42
+            }
+        );
+        assert_eq!(&r.as_bytes()[used..], b"rest");
+        assert_eq!(
+            psync_reply(b"+CONTINUE\r\n").unwrap().unwrap().0,
+            PsyncReply::Continue { new_replid: None }
+        );
+        assert!(
+            matches!(psync_reply(b"-NOMASTERLINK Can't SYNC\r\n").unwrap().unwrap().0, PsyncReply::Error { code, .. } if code == "NOMASTERLINK")
+        );
+        assert_eq!(psync_reply(b"+FULLRES").unwrap(), None);
+        assert!(psync_reply(b"HTTP/1.1 400\r\n").is_err());
+    }
+
+    #[test]
+    fn framing() {
+        assert_eq!(
+            rdb_framing(b"\n$123\r\n").unwrap().unwrap(),
+            (RdbFraming::Length(123), 7)
+        );
+        let m = format!("$EOF:{}\r\n", "x".repeat(40));
+        assert_eq!(
+            rdb_framing(m.as_bytes()).unwrap().unwrap().0,
+            RdbFraming::EofMark(vec![b'x'; 40])
+        );
+        assert!(rdb_framing(b"$EOF:short\r\n").is_err());
+    }
+}
