@@ -158,14 +158,21 @@ impl<'a> Cur<'a> {
 
     /// A string: raw, integer-encoded (as decimal text) or LZF-compressed.
     fn string(&mut self, limit: usize) -> R<Bytes> {
+        let start = self.pos;
+        let too_large = |what, len| {
+            Err(Stop::Bad(
+                start,
+                ErrorKind::TooLarge {
+                    what,
+                    len,
+                    limit: limit as u64,
+                },
+            ))
+        };
         match self.length_or_special()? {
             Ok(n) => {
                 if n > limit as u64 {
-                    return self.bad(ErrorKind::TooLarge {
-                        what: "string",
-                        len: n,
-                        limit: limit as u64,
-                    });
+                    return too_large("string", n);
                 }
                 Ok(Bytes::copy_from_slice(self.take(n as usize)?))
             }
@@ -177,11 +184,7 @@ impl<'a> Cur<'a> {
                 let len = self.length()?;
                 for (what, n) in [("compressed string", clen), ("decompressed string", len)] {
                     if n > limit as u64 {
-                        return self.bad(ErrorKind::TooLarge {
-                            what,
-                            len: n,
-                            limit: limit as u64,
-                        });
+                        return too_large(what, n);
                     }
                 }
                 let at = self.pos;
