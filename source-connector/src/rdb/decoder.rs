@@ -98,6 +98,8 @@ type R<T> = Result<T, Stop>;
 struct Cur<'a> {
     data: &'a [u8],
     pos: usize,
+    /// On "need more input": how many bytes the unit needs at least.
+    need: usize,
     /// What is being read, for the "truncated inside ..." message.
     what: &'static str,
 }
@@ -114,7 +116,10 @@ impl<'a> Cur<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            _ => Err(Stop::More(self.what)),
+            _ => {
+                self.need = self.pos.saturating_add(n);
+                Err(Stop::More(self.what))
+            }
         }
     }
 
@@ -317,6 +322,8 @@ pub struct Decoder {
     current: Option<Current>,
     ready: VecDeque<Item>,
     failed: Option<Error>,
+    /// Bytes the current unit needs before it is worth parsing again.
+    need: usize,
 }
 
 impl Decoder {
@@ -334,6 +341,7 @@ impl Decoder {
             current: None,
             ready: VecDeque::new(),
             failed: None,
+            need: 0,
         }
     }
 
@@ -388,8 +396,11 @@ impl Decoder {
             if matches!(self.state, State::Done) {
                 return Ok(None);
             }
+            if self.buffered() < self.need {
+                return Ok(None);
+            }
             match self.step() {
-                Ok(()) => {}
+                Ok(()) => self.need = 0,
                 Err(Stop::More(_)) => return Ok(None),
                 Err(Stop::Bad(at, kind)) => return Err(self.fail(at, kind)),
             }
@@ -448,9 +459,18 @@ impl Decoder {
         let mut cur = Cur {
             data: &self.buf[self.start..],
             pos: 0,
+            need: 0,
             what,
         };
-        let v = f(&mut cur, &self.config)?;
+        let v = match f(&mut cur, &self.config) {
+            Ok(v) => v,
+            Err(e) => {
+                // Do not re-parse the unit until at least this much input is there, so a big
+                // unit arriving in small reads costs linear, not quadratic, time.
+                self.need = cur.need;
+                return Err(e);
+            }
+        };
         let n = cur.pos;
         self.commit(n);
         Ok(v)
@@ -798,6 +818,7 @@ impl Decoder {
                     let mut probe = Cur {
                         data: c.data,
                         pos: c.pos,
+                        need: 0,
                         what: c.what,
                     };
                     match probe.length_or_special()? {
