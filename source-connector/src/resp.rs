@@ -117,6 +117,9 @@ impl Decoder {
     pub fn next_command(&mut self) -> Result<Option<Command>, Error> {
         loop {
             let data = &self.buf[self.start..];
+            if data.len() < self.need {
+                return Ok(None);
+            }
             let Some(&first) = data.first() else {
                 return Ok(None);
             };
@@ -130,9 +133,14 @@ impl Decoder {
             } else {
                 self.inline(data)?
             };
-            let Parse::Done(args, used) = parsed else {
-                return Ok(None);
+            let (args, used) = match parsed {
+                Parse::Done(args, used) => (args, used),
+                Parse::More(need) => {
+                    self.need = need;
+                    return Ok(None);
+                }
             };
+            self.need = 0;
             self.start += used;
             self.offset += used as u64;
             if args.is_empty() {
