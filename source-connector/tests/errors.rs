@@ -179,3 +179,19 @@ fn mutation_property_never_panics() {
         while let Ok(Some(_)) = r.next_command() {}
     }
 }
+
+/// Found by the fuzzer: a hash field TTL relative to a huge minimum overflowed.
+#[test]
+fn regression_hash_field_ttl_overflow_is_an_error() {
+    // HASH_METADATA (24): min expire u64::MAX, one field with relative TTL 5.
+    let mut data = b"REDIS0012\x18\x01h".to_vec();
+    data.extend_from_slice(&u64::MAX.to_le_bytes());
+    data.extend_from_slice(b"\x01\x05\x01f\x01v\xff");
+    let e = decode(&data).unwrap_err();
+    assert_eq!(
+        e.kind,
+        ErrorKind::Invalid("hash field TTL out of range"),
+        "{e}"
+    );
+    assert_eq!(e.offset, 21);
+}

@@ -672,11 +672,20 @@ impl Decoder {
                         }
                         Elem::Hash => Piece::Hash(vec![(c.string(lim)?, c.string(lim)?, None)]),
                         Elem::HashTtl { min_expire } => {
-                            let ttl = c.length()?;
-                            let ttl = match (ttl, min_expire) {
+                            let at = c.pos;
+                            let ttl = match (c.length()?, min_expire) {
                                 (0, _) => None,
-                                (t, Some(min)) => Some((t + min - 1) as i64),
-                                (t, None) => Some(t as i64),
+                                // GA format: stored relative to the hash's smallest TTL, plus 1.
+                                (t, Some(min)) => Some(t.checked_add(min).map(|v| v - 1)),
+                                (t, None) => Some(Some(t)),
+                            };
+                            let ttl = match ttl {
+                                None => None,
+                                Some(Some(ms)) if ms <= i64::MAX as u64 => Some(ms as i64),
+                                Some(_) => {
+                                    let kind = ErrorKind::Invalid("hash field TTL out of range");
+                                    return Err(Stop::Bad(at, kind));
+                                }
                             };
                             Piece::Hash(vec![(c.string(lim)?, c.string(lim)?, ttl)])
                         }
