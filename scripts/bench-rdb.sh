@@ -15,7 +15,7 @@ gen() { # name, then redis-cli commands on stdin
   [ -f "$DATA/$name.rdb" ] && return
   dir="$(mktemp -d)"
   redis-server --port $PORT --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
-    --proto-max-bulk-len 2gb --client-query-buffer-limit 2gb >/dev/null 2>&1 &
+    --proto-max-bulk-len 2gb --client-query-buffer-limit 2gb --enable-debug-command yes >/dev/null 2>&1 &
   local pid=$!
   for _ in $(seq 100); do redis-cli -p $PORT ping >/dev/null 2>&1 && break; sleep 0.1; done
   redis-cli -p $PORT >/dev/null

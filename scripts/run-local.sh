@@ -17,6 +17,7 @@ RUN_DIR="$(mktemp -d -t redis-repl-run-XXXXXX)"
 pids=()
 
 cleanup() {
+  trap - EXIT INT TERM
   echo
   echo "stopping..."
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
