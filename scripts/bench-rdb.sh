@@ -12,7 +12,7 @@ PORT=26399
 
 gen() { # name, then redis-cli commands on stdin
   local name=$1 dir
-  [ -f "$DATA/$name.rdb" ] && return
+  if [ -f "$DATA/$name.rdb" ]; then cat >/dev/null; return; fi
   dir="$(mktemp -d)"
   redis-server --port $PORT --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
     --proto-max-bulk-len 2gb --client-query-buffer-limit 2gb --enable-debug-command yes >/dev/null 2>&1 &
