@@ -897,14 +897,13 @@ impl Decoder {
             _ => {
                 // Encoded blobs: read whole, then split into pieces.
                 let piece = self.parse("an encoded value", |c, cfg| {
-                    let min_expire = if ty == t::HASH_LISTPACK_EX {
-                        Some(c.u64_le()?)
-                    } else {
-                        None
-                    };
+                    if ty == t::HASH_LISTPACK_EX {
+                        // The hash's smallest field TTL: derivable from the triplets, so skipped.
+                        c.u64_le()?;
+                    }
                     let at = c.pos;
                     let blob = c.string(cfg.max_unit_bytes)?;
-                    blob_piece(ty, &blob, min_expire).map_err(|k| Stop::Bad(at, k))
+                    blob_piece(ty, &blob).map_err(|k| Stop::Bad(at, k))
                 })?;
                 self.push_piece(piece);
                 Ok(Value::End)
@@ -1021,7 +1020,7 @@ fn pairs(elems: Vec<Bytes>) -> Result<Vec<(Bytes, Bytes)>, ErrorKind> {
 }
 
 /// Decodes an encoded blob value into one piece.
-fn blob_piece(ty: u8, blob: &[u8], min_expire: Option<u64>) -> Result<Piece, ErrorKind> {
+fn blob_piece(ty: u8, blob: &[u8]) -> Result<Piece, ErrorKind> {
     Ok(match ty {
         t::HASH_ZIPMAP => Piece::Hash(
             pairs(encodings::zipmap(blob)?)?
@@ -1058,7 +1057,7 @@ fn blob_piece(ty: u8, blob: &[u8], min_expire: Option<u64>) -> Result<Piece, Err
                 .collect(),
         ),
         t::HASH_LISTPACK_EX | t::HASH_LISTPACK_EX_PRE_GA => {
-            let _ = min_expire; // TTLs in the listpack are absolute in both formats.
+            // TTLs in the listpack are absolute in both formats.
             let mut entries = Vec::new();
             encodings::listpack_each(blob, |e| entries.push(e))?;
             if !entries.len().is_multiple_of(3) {

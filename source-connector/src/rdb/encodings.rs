@@ -50,7 +50,7 @@ impl<'a> Blob<'a> {
         Ok(self.take(1)?[0])
     }
 
-    fn le<const N: usize>(&mut self) -> Result<[u8; N], EncodingError> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], EncodingError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
@@ -64,12 +64,12 @@ fn int_text(v: i64) -> Bytes {
 /// A ziplist (Redis < 7.0): `zlbytes zltail zllen entries... 0xFF`.
 pub fn ziplist(data: &[u8]) -> Result<Vec<Bytes>, EncodingError> {
     let mut b = Blob::new(data, "ziplist");
-    let zlbytes = u32::from_le_bytes(b.le()?) as usize;
+    let zlbytes = u32::from_le_bytes(b.array()?) as usize;
     if zlbytes != data.len() {
         return Err(b.err("zlbytes does not match the blob size"));
     }
     b.take(4)?; // zltail
-    let count = u16::from_le_bytes(b.le()?) as usize;
+    let count = u16::from_le_bytes(b.array()?) as usize;
     let mut out = Vec::with_capacity(count.min(data.len()));
     loop {
         let first = *data.get(b.pos).ok_or_else(|| b.err("missing end marker"))?;
@@ -88,15 +88,15 @@ pub fn ziplist(data: &[u8]) -> Result<Vec<Bytes>, EncodingError> {
                 Bytes::copy_from_slice(b.take(len)?)
             }
             2 => {
-                let len = u32::from_be_bytes(b.le()?) as usize;
+                let len = u32::from_be_bytes(b.array()?) as usize;
                 Bytes::copy_from_slice(b.take(len)?)
             }
             _ => match enc {
-                0xC0 => int_text(i16::from_le_bytes(b.le()?) as i64),
-                0xD0 => int_text(i32::from_le_bytes(b.le()?) as i64),
-                0xE0 => int_text(i64::from_le_bytes(b.le()?)),
+                0xC0 => int_text(i16::from_le_bytes(b.array()?) as i64),
+                0xD0 => int_text(i32::from_le_bytes(b.array()?) as i64),
+                0xE0 => int_text(i64::from_le_bytes(b.array()?)),
                 0xF0 => {
-                    let [x, y, z] = b.le()?;
+                    let [x, y, z] = b.array()?;
                     int_text((i32::from_le_bytes([0, x, y, z]) >> 8) as i64)
                 }
                 0xFE => int_text(b.u8()? as i8 as i64),
@@ -154,11 +154,11 @@ pub fn listpack_each<'a>(
     mut f: impl FnMut(LpEntry<'a>),
 ) -> Result<usize, EncodingError> {
     let mut b = Blob::new(data, "listpack");
-    let total = u32::from_le_bytes(b.le()?) as usize;
+    let total = u32::from_le_bytes(b.array()?) as usize;
     if total != data.len() {
         return Err(b.err("total bytes does not match the blob size"));
     }
-    let count = u16::from_le_bytes(b.le()?) as usize;
+    let count = u16::from_le_bytes(b.array()?) as usize;
     let mut n = 0;
     loop {
         let start = b.pos;
@@ -179,16 +179,16 @@ pub fn listpack_each<'a>(
         } else {
             match enc {
                 0xF0 => {
-                    let len = u32::from_le_bytes(b.le()?) as usize;
+                    let len = u32::from_le_bytes(b.array()?) as usize;
                     LpEntry::Str(b.take(len)?)
                 }
-                0xF1 => LpEntry::Int(i16::from_le_bytes(b.le()?) as i64),
+                0xF1 => LpEntry::Int(i16::from_le_bytes(b.array()?) as i64),
                 0xF2 => {
-                    let [x, y, z] = b.le()?;
+                    let [x, y, z] = b.array()?;
                     LpEntry::Int((i32::from_le_bytes([0, x, y, z]) >> 8) as i64)
                 }
-                0xF3 => LpEntry::Int(i32::from_le_bytes(b.le()?) as i64),
-                0xF4 => LpEntry::Int(i64::from_le_bytes(b.le()?)),
+                0xF3 => LpEntry::Int(i32::from_le_bytes(b.array()?) as i64),
+                0xF4 => LpEntry::Int(i64::from_le_bytes(b.array()?)),
                 _ => return Err(b.err("unknown entry encoding")),
             }
         };
@@ -217,8 +217,8 @@ pub fn listpack_each<'a>(
 /// An intset: `encoding(2|4|8) length contents`, little endian.
 pub fn intset(data: &[u8]) -> Result<Vec<Bytes>, EncodingError> {
     let mut b = Blob::new(data, "intset");
-    let width = u32::from_le_bytes(b.le()?) as usize;
-    let len = u32::from_le_bytes(b.le()?) as usize;
+    let width = u32::from_le_bytes(b.array()?) as usize;
+    let len = u32::from_le_bytes(b.array()?) as usize;
     if !matches!(width, 2 | 4 | 8) {
         return Err(b.err("integer width is not 2, 4 or 8"));
     }
@@ -228,9 +228,9 @@ pub fn intset(data: &[u8]) -> Result<Vec<Bytes>, EncodingError> {
     let mut out = Vec::with_capacity(len);
     for _ in 0..len {
         let v = match width {
-            2 => i16::from_le_bytes(b.le()?) as i64,
-            4 => i32::from_le_bytes(b.le()?) as i64,
-            _ => i64::from_le_bytes(b.le()?),
+            2 => i16::from_le_bytes(b.array()?) as i64,
+            4 => i32::from_le_bytes(b.array()?) as i64,
+            _ => i64::from_le_bytes(b.array()?),
         };
         out.push(int_text(v));
     }
@@ -246,7 +246,7 @@ pub fn zipmap(data: &[u8]) -> Result<Vec<Bytes>, EncodingError> {
     let len = |b: &mut Blob| -> Result<Option<usize>, EncodingError> {
         match b.u8()? {
             0xFF => Ok(None),
-            0xFE => Ok(Some(u32::from_le_bytes(b.le()?) as usize)),
+            0xFE => Ok(Some(u32::from_le_bytes(b.array()?) as usize)),
             n => Ok(Some(n as usize)),
         }
     };
