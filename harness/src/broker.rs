@@ -162,6 +162,65 @@ impl Broker {
         (t.error().is_none() && !t.partitions().is_empty()).then(|| t.partitions().len() as u32)
     }
 
+    /// Every message of `topic` (all partitions, from the beginning to the current end), with
+    /// its partition and offset, decoded as records (`Err` for messages that are not records).
+    pub fn read_records(&self, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
+        use rdkafka::message::{Headers, Message};
+        let partitions = self
+            .partition_count(topic)
+            .ok_or_else(|| anyhow::anyhow!("topic {topic} does not exist"))?;
+        let mut c = self.client_config();
+        c.set("group.id", "harness-reader")
+            .set("enable.auto.commit", "false");
+        let consumer: BaseConsumer = c.create()?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        let mut ends = Vec::new();
+        for p in 0..partitions as i32 {
+            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+            ends.push(high);
+            tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(low))?;
+        }
+        consumer.assign(&tpl)?;
+        let mut next = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions as i32 {
+            next.push(
+                consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))?
+                    .0,
+            );
+        }
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while next.iter().zip(&ends).any(|(n, e)| n < e) {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "reading {topic} timed out"
+            );
+            let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let msg = msg?;
+            let p = msg.partition() as usize;
+            next[p] = msg.offset() + 1;
+            let content_type = msg.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == proto::topic::HEADER_CONTENT_TYPE)
+                    .and_then(|h| h.value.map(|v| v.to_vec()))
+            });
+            let record =
+                proto::topic::decode(content_type.as_deref(), msg.payload().unwrap_or_default())
+                    .map_err(|e| e.to_string());
+            out.push(TopicMessage {
+                partition: p as u32,
+                offset: msg.offset(),
+                key: msg.key().map(|k| k.to_vec()).unwrap_or_default(),
+                record,
+            });
+        }
+        out.sort_by_key(|m| (m.partition, m.offset));
+        Ok(out)
+    }
+
     pub fn kill9(&mut self) {
         self.process.kill9();
     }
@@ -179,6 +238,15 @@ impl Broker {
     pub fn process(&mut self) -> &mut ManagedProcess {
         &mut self.process
     }
+}
+
+/// One message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct TopicMessage {
+    pub partition: u32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub record: Result<proto::v1::Record, String>,
 }
 
 /// A random topic name, so tests sharing a broker never collide.

@@ -9,9 +9,12 @@
 //! - [`fake_master`]: plays a recorded replication capture from the corpus to a replica.
 //! - [`dataset`]: reads a deployment (or a corpus JSON) into canonical form and compares two.
 //! - [`corpus`]: where `../shared/corpus` is.
+//! - [`connector`]: the built `source-connector` and `sink-connector` binaries as processes,
+//!   with their metrics.
 
 pub mod broker;
 pub mod cluster;
+pub mod connector;
 pub mod corpus;
 pub mod dataset;
 pub mod fake_master;

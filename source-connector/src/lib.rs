@@ -4,11 +4,24 @@
 //! - [`resp`]: the RESP command stream after the snapshot, with byte-exact replication offsets;
 //! - [`rdb`]: the streaming RDB decoder (snapshot);
 //! - [`transfer`]: the PSYNC reply and RDB transfer framing;
-//! - [`dump`]: `rdb-dump`, the logical content of an RDB file as JSON.
+//! - [`dump`]: `rdb-dump`, the logical content of an RDB file as JSON;
+//! - [`commands`]: which slots a command touches, and so how it is published;
+//! - [`records`]: RDB items and commands into topic records;
+//! - [`publish`]: producing to Kafka and tracking what it acknowledged;
+//! - [`checkpoint`]: the durable resume position;
+//! - [`replica`]: the replica link (handshake, sync, stream, ACKs);
+//! - [`run`]: topic preparation and the reconnect loop.
 //!
-//! `resp` and `rdb` do no I/O: bytes in, values out.
+//! `resp`, `rdb`, `commands` and `records` do no I/O: bytes in, values out.
 
+pub mod checkpoint;
+pub mod commands;
+pub mod config;
 pub mod dump;
+pub mod publish;
 pub mod rdb;
+pub mod records;
+pub mod replica;
 pub mod resp;
+pub mod run;
 pub mod transfer;

@@ -16,6 +16,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Replicate: connect to the source as a replica and publish to Kafka until stopped.
+    ///
+    /// Configuration comes from the TOML file, overridden by SOURCE_* environment variables
+    /// (nested keys joined by `__`, e.g. SOURCE_KAFKA__TOPIC). See docs/configuration.md.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Print the logical content of an RDB file as JSON.
     ///
     /// Reads any RDB from Redis 2.8 to 8.x and Valkey (format versions 1 to 12), checks its
@@ -52,6 +61,29 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run { config } => {
+            service::init_logging();
+            let config = source_connector::config::Config::load(config.as_deref())?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let handle = service::http::install_recorder()?;
+                let health = service::http::Health::default();
+                let addr = service::http::serve(config.metrics.listen, handle, health.clone()).await?;
+                tracing::info!(
+                    "source-connector {}: {} -> {} topic {} ({} partitions); metrics on http://{addr}/metrics",
+                    env!("CARGO_PKG_VERSION"),
+                    service::config::redact_url(&config.redis.url),
+                    config.kafka.bootstrap_servers,
+                    config.kafka.topic,
+                    config.kafka.partitions
+                );
+                health.ok("source", "running");
+                let shutdown = service::shutdown::signal();
+                source_connector::run::run(config, shutdown).await
+            })
+        }
         Command::RdbDump {
             file,
             now_ms,

@@ -1,0 +1,139 @@
+//! The `/metrics` (Prometheus text) and `/health` endpoint of a connector.
+//!
+//! `/health` answers 200 with a JSON body while the process is healthy and 503 when a component
+//! reported a problem (for example a halted sink lane), so orchestrators and operators see the
+//! same thing.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Health of named components; the process is healthy when all are.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    inner: Arc<Mutex<BTreeMap<String, Result<String, String>>>>,
+}
+
+impl Health {
+    /// Marks `component` healthy with a short status text.
+    pub fn ok(&self, component: &str, status: impl Into<String>) {
+        self.set(component, Ok(status.into()));
+    }
+
+    /// Marks `component` failing, with the reason.
+    pub fn fail(&self, component: &str, reason: impl Into<String>) {
+        self.set(component, Err(reason.into()));
+    }
+
+    pub fn remove(&self, component: &str) {
+        self.lock().remove(component);
+    }
+
+    fn set(&self, component: &str, state: Result<String, String>) {
+        self.lock().insert(component.to_owned(), state);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Result<String, String>>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// (healthy, JSON body).
+    pub fn report(&self) -> (bool, String) {
+        let map = self.lock();
+        let healthy = map.values().all(Result::is_ok);
+        let components: serde_json::Map<String, serde_json::Value> = map
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Ok(s) => serde_json::json!({"ok": true, "status": s}),
+                    Err(s) => serde_json::json!({"ok": false, "error": s}),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        let body = serde_json::json!({"healthy": healthy, "components": components});
+        (healthy, body.to_string())
+    }
+}
+
+/// Installs the Prometheus recorder. Call once per process, before any metric is touched.
+pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ])?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+/// Serves `/metrics` and `/health` on `listen` until the process ends.
+pub async fn serve(
+    listen: SocketAddr,
+    handle: PrometheusHandle,
+    health: Health,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (metrics.listen): {e}"))?;
+    let local = listener.local_addr()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            let health = health.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut used = 0;
+                // Read the request head (we only need the request line).
+                while used < buf.len() {
+                    match stream.read(&mut buf[used..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => used += n,
+                    }
+                    if buf[..used].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..used]);
+                let path = head.split_whitespace().nth(1).unwrap_or("/");
+                let (status, ctype, body) = match path {
+                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+                    "/health" | "/health/ready" | "/health/live" => {
+                        let (ok, body) = health.report();
+                        let status = if ok || path == "/health/live" {
+                            "200 OK"
+                        } else {
+                            "503 Service Unavailable"
+                        };
+                        (status, "application/json", body)
+                    }
+                    _ => (
+                        "404 Not Found",
+                        "text/plain",
+                        "try /metrics or /health\n".into(),
+                    ),
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    Ok(local)
+}

@@ -1,0 +1,120 @@
+//! The source's durable position, stored in a compacted Kafka topic keyed by source shard.
+//!
+//! A checkpoint is written only for a [`Mark`](crate::records::Mark) that Kafka has acknowledged
+//! with every record before it, so resuming from it never leaves a gap. Before the first record
+//! of a new epoch is published, the epoch itself is checkpointed (with `snapshot_done = false`),
+//! so an interrupted snapshot is always redone under a newer epoch and positions keep growing.
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Replication id the offset belongs to.
+    pub replid: String,
+    /// Everything before this replication offset is in Kafka.
+    pub offset: u64,
+    pub epoch: u64,
+    /// The epoch's snapshot is completely in Kafka; when false, the next sync must be full.
+    pub snapshot_done: bool,
+    /// When it was written (Unix ms), for operators.
+    #[serde(default)]
+    pub written_ms: i64,
+}
+
+impl Checkpoint {
+    /// Arguments for `PSYNC`: resume after the checkpoint, or ask for a full sync.
+    pub fn psync_args(this: Option<&Checkpoint>) -> (String, String) {
+        match this {
+            Some(c) if c.snapshot_done && c.replid.len() == 40 => {
+                (c.replid.clone(), (c.offset + 1).to_string())
+            }
+            _ => ("?".into(), "-1".into()),
+        }
+    }
+}
+
+/// Reads the latest checkpoint of `shard` from the checkpoint topic (partition 0).
+pub fn load(
+    client: &rdkafka::ClientConfig,
+    topic: &str,
+    shard: &str,
+) -> anyhow::Result<Option<Checkpoint>> {
+    let mut c = client.clone();
+    c.set("group.id", "redis-repl-source-checkpoint-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = c
+        .create()
+        .map_err(|e| anyhow::anyhow!("cannot create a Kafka consumer to read {topic}: {e}"))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("cannot read the checkpoint topic {topic}: {e}"))?;
+    if high <= low {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
+    consumer.assign(&tpl)?;
+    let mut latest = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut next = low;
+    while next < high {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "reading the checkpoint topic {topic} timed out at offset {next} of {high}"
+        );
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let msg = msg.map_err(|e| anyhow::anyhow!("reading {topic}: {e}"))?;
+        next = msg.offset() + 1;
+        if msg.key() != Some(shard.as_bytes()) {
+            continue;
+        }
+        match msg.payload() {
+            Some(p) => {
+                let c: Checkpoint = serde_json::from_slice(p).map_err(|e| {
+                    anyhow::anyhow!(
+                        "checkpoint of shard {shard} at {topic} offset {} is not valid: {e}",
+                        msg.offset()
+                    )
+                })?;
+                latest = Some(c);
+            }
+            None => latest = None,
+        }
+    }
+    Ok(latest)
+}
+
+pub fn encode(c: &Checkpoint) -> Vec<u8> {
+    serde_json::to_vec(c).expect("a checkpoint serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psync_arguments() {
+        assert_eq!(Checkpoint::psync_args(None), ("?".into(), "-1".into()));
+        let mut c = Checkpoint {
+            replid: "a".repeat(40),
+            offset: 100,
+            epoch: 3,
+            snapshot_done: true,
+            written_ms: 0,
+        };
+        assert_eq!(
+            Checkpoint::psync_args(Some(&c)),
+            ("a".repeat(40), "101".into())
+        );
+        c.snapshot_done = false;
+        assert_eq!(Checkpoint::psync_args(Some(&c)), ("?".into(), "-1".into()));
+        let back: Checkpoint = serde_json::from_slice(&encode(&c)).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,0 +1,290 @@
+//! The source connector's configuration (`--config FILE`, overridden by `SOURCE_*` variables;
+//! every key is documented in docs/configuration.md).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub redis: RedisConfig,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port`.
+    pub url: String,
+    /// Name of this source shard on the topic and in checkpoints. Default: `host:port` of the URL.
+    #[serde(default)]
+    pub shard_name: Option<String>,
+    /// Port announced with `REPLCONF listening-port` (shown in the source's `INFO replication`).
+    #[serde(default = "default_listening_port")]
+    pub listening_port: u16,
+    /// Seconds to wait for a connection or a handshake reply.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+    /// Longest wait between reconnection attempts, in seconds.
+    #[serde(default = "default_max_backoff_s")]
+    pub max_backoff_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    pub partitions: u32,
+    /// Create the topic (and the checkpoint topic) when missing.
+    #[serde(default = "yes")]
+    pub create_topic: bool,
+    /// Replication factor for topics the connector creates.
+    #[serde(default = "one")]
+    pub replication_factor: i32,
+    /// Where positions are stored. Default: `<topic>.checkpoints`.
+    #[serde(default)]
+    pub checkpoint_topic: Option<String>,
+    /// `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Most bytes of records produced but not yet acknowledged before reading from Redis pauses.
+    #[serde(default = "default_max_in_flight_bytes")]
+    pub max_in_flight_bytes: usize,
+    /// Passed to librdkafka as is (for example `security.protocol`, `sasl.*`, `linger.ms`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Largest value bytes in one record; bigger keys are split into chunks.
+    #[serde(default = "default_piece_bytes")]
+    pub piece_bytes: usize,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            piece_bytes: default_piece_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics` and `/health` endpoint.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> i32 {
+    1
+}
+fn default_listening_port() -> u16 {
+    6380
+}
+fn default_timeout_s() -> u64 {
+    10
+}
+fn default_max_backoff_s() -> u64 {
+    30
+}
+fn default_compression() -> String {
+    "lz4".into()
+}
+fn default_max_in_flight_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_piece_bytes() -> usize {
+    proto::chunk::DEFAULT_PIECE_BYTES
+}
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9101))
+}
+
+/// Where to reach the source, parsed from `redis.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub tls: bool,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> anyhow::Result<Endpoint> {
+        let redacted = service::config::redact_url(url);
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| anyhow::anyhow!("redis.url {redacted:?}: expected redis://host:port"))?;
+        let tls = match scheme {
+            "redis" => false,
+            "rediss" => true,
+            other => anyhow::bail!(
+                "redis.url {redacted:?}: unknown scheme {other:?} (use redis:// or rediss://)"
+            ),
+        };
+        let rest = rest.trim_end_matches('/');
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let (user, password) = match userinfo {
+            None => (None, None),
+            Some(u) => match u.split_once(':') {
+                Some((user, pass)) => (
+                    (!user.is_empty()).then(|| percent_decode(user)),
+                    Some(percent_decode(pass)),
+                ),
+                None => (Some(percent_decode(u)), None),
+            },
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => {
+                let port: u32 = p.parse().map_err(|_| {
+                    anyhow::anyhow!("redis.url {redacted:?}: port {p:?} is not a number")
+                })?;
+                anyhow::ensure!(
+                    (1..=65535).contains(&port),
+                    "redis.url {redacted:?}: port {port} is out of range 1-65535"
+                );
+                (h, port as u16)
+            }
+            None => (hostport, 6379),
+        };
+        anyhow::ensure!(!host.is_empty(), "redis.url {redacted:?}: no host");
+        Ok(Endpoint {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+            user,
+            password,
+            tls,
+        })
+    }
+
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Config {
+    pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+        let c: Config = service::config::load(path, "SOURCE")?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        Endpoint::parse(&self.redis.url)?;
+        anyhow::ensure!(
+            (1..=16384).contains(&self.kafka.partitions),
+            "kafka.partitions = {} is out of range 1-16384",
+            self.kafka.partitions
+        );
+        anyhow::ensure!(!self.kafka.topic.is_empty(), "kafka.topic is empty");
+        anyhow::ensure!(
+            matches!(
+                self.kafka.compression.as_str(),
+                "none" | "gzip" | "snappy" | "lz4" | "zstd"
+            ),
+            "kafka.compression = {:?}: use none, gzip, snappy, lz4 or zstd",
+            self.kafka.compression
+        );
+        anyhow::ensure!(
+            (1024..=64 * 1024 * 1024).contains(&self.snapshot.piece_bytes),
+            "snapshot.piece_bytes = {} is out of range 1024-67108864",
+            self.snapshot.piece_bytes
+        );
+        Ok(())
+    }
+
+    pub fn shard_name(&self) -> String {
+        match &self.redis.shard_name {
+            Some(n) => n.clone(),
+            None => Endpoint::parse(&self.redis.url)
+                .map(|e| e.address())
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn checkpoint_topic(&self) -> String {
+        self.kafka
+            .checkpoint_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.checkpoints", self.kafka.topic))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        let e = Endpoint::parse("redis://u:p%40ss@h:7000").unwrap();
+        assert_eq!(e.user.as_deref(), Some("u"));
+        assert_eq!(e.password.as_deref(), Some("p@ss"));
+        assert_eq!(e.address(), "h:7000");
+        let e = Endpoint::parse("redis://:pw@127.0.0.1:1").unwrap();
+        assert_eq!((e.user, e.password.as_deref()), (None, Some("pw")));
+        assert!(Endpoint::parse("rediss://h").unwrap().tls);
+        for bad in [
+            "h:1",
+            "http://h:1",
+            "redis://h:70000",
+            "redis://h:x",
+            "redis://:1",
+        ] {
+            let err = Endpoint::parse(bad).unwrap_err().to_string();
+            assert!(err.starts_with("redis.url"), "{bad}: {err}");
+        }
+        let err = Endpoint::parse("redis://u:secret@h:99999")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secret"), "{err}");
+    }
+}

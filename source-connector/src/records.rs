@@ -1,0 +1,640 @@
+//! Turns what the replica link receives (RDB items, commands) into topic records (DESIGN §4).
+//!
+//! Pure and synchronous: the caller feeds items and commands in replication order and publishes
+//! the [`Outgoing`] records in the order returned. Positions are `(epoch, offset, sequence)`:
+//! snapshot records share the FULLRESYNC offset and count up in `sequence`; a command's offset
+//! is the replication offset after it, and `sequence` numbers the pieces of a split command.
+
+use crate::commands::{self, Route};
+use crate::rdb::{self, Item, Piece};
+use crate::resp;
+use bytes::Bytes;
+use proto::topic::{partition_for_slot, RecordKey};
+use proto::v1::{self, record::Body, value::Kind};
+use proto::{Position, Slot};
+
+/// One record to publish, to one or several partitions (barriers, snapshot markers and
+/// heartbeats go to several, each copy identical).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub partitions: Vec<u32>,
+    pub key: RecordKey,
+    pub record: v1::Record,
+    /// Progress the source may acknowledge once this record and all before it are in Kafka.
+    pub mark: Option<Mark>,
+}
+
+/// A point in the replication stream that is safe to resume from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// Replication offset: everything before it is published.
+    pub offset: u64,
+    /// The snapshot of the current epoch is completely published.
+    pub snapshot_done: bool,
+}
+
+#[derive(Debug)]
+struct KeyInProgress {
+    header: rdb::KeyHeader,
+    slot: Slot,
+    value: Option<Kind>,
+    value_bytes: usize,
+    /// Pieces already emitted (0: nothing yet).
+    emitted: u32,
+}
+
+/// Builds the records of one source shard.
+#[derive(Debug)]
+pub struct Builder {
+    shard: String,
+    partitions: u32,
+    piece_bytes: usize,
+    epoch: u64,
+    db: u32,
+    /// Offset of the current snapshot (FULLRESYNC offset) and the next sequence number in it.
+    snapshot_offset: u64,
+    sequence: u64,
+    rdb_version: u32,
+    key: Option<KeyInProgress>,
+    keys: u64,
+    functions: Vec<v1::FunctionLibrary>,
+    /// Commands of an open MULTI, with their db.
+    multi: Option<Vec<(u32, Vec<Bytes>)>>,
+    /// Offset after the last complete command outside a transaction.
+    safe_offset: u64,
+}
+
+impl Builder {
+    pub fn new(
+        shard: String,
+        partitions: u32,
+        piece_bytes: usize,
+        epoch: u64,
+        offset: u64,
+    ) -> Self {
+        Builder {
+            shard,
+            partitions,
+            piece_bytes,
+            epoch,
+            db: 0,
+            snapshot_offset: offset,
+            sequence: 0,
+            rdb_version: 0,
+            key: None,
+            keys: 0,
+            functions: Vec::new(),
+            multi: None,
+            safe_offset: offset,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Offset after the last complete command outside a transaction: where a resumed stream
+    /// would start.
+    pub fn safe_offset(&self) -> u64 {
+        self.safe_offset
+    }
+
+    pub fn keys(&self) -> u64 {
+        self.keys
+    }
+
+    fn all_partitions(&self) -> Vec<u32> {
+        (0..self.partitions).collect()
+    }
+
+    fn record(&self, position: Position, db: u32, slot: Option<Slot>, body: Body) -> v1::Record {
+        v1::Record {
+            schema_version: proto::SCHEMA_VERSION,
+            source_shard: self.shard.clone(),
+            position: Some(position.into()),
+            capture_time_ms: service::now_ms(),
+            db,
+            slot: slot.map(|s| u32::from(s.get())),
+            body: Some(body),
+        }
+    }
+
+    fn next_snapshot_position(&mut self) -> Position {
+        let p = Position::new(self.epoch, self.snapshot_offset, self.sequence);
+        self.sequence += 1;
+        p
+    }
+
+    fn broadcast(&mut self, position: Position, body: Body, mark: Option<Mark>) -> Outgoing {
+        Outgoing {
+            partitions: self.all_partitions(),
+            key: RecordKey::Unslotted,
+            record: self.record(position, self.db, None, body),
+            mark,
+        }
+    }
+
+    fn to_slot(&self, position: Position, db: u32, slot: Slot, body: Body) -> Outgoing {
+        Outgoing {
+            partitions: vec![partition_for_slot(slot, self.partitions).0],
+            key: RecordKey::Slot(slot),
+            record: self.record(position, db, Some(slot), body),
+            mark: None,
+        }
+    }
+
+    // ---- snapshot ----
+
+    /// A full resync begins: a new epoch whose snapshot holds everything up to `offset`.
+    pub fn begin_snapshot(&mut self, epoch: u64, offset: u64) {
+        self.epoch = epoch;
+        self.snapshot_offset = offset;
+        self.safe_offset = offset;
+        self.sequence = 0;
+        self.keys = 0;
+        self.functions.clear();
+        self.key = None;
+        self.multi = None;
+        self.db = 0;
+    }
+
+    /// The records for one RDB item. `start` describes the sync for the snapshot-start record,
+    /// which is written when the RDB header arrives (it carries the RDB version).
+    pub fn rdb_item(&mut self, item: Item, start: &v1::SnapshotStart) -> Vec<Outgoing> {
+        match item {
+            Item::Header { version } => {
+                self.rdb_version = version;
+                let mut start = start.clone();
+                start.rdb_version = version;
+                start.partitions = self.partitions;
+                let position = self.next_snapshot_position();
+                vec![self.broadcast(position, Body::SnapshotStart(start), None)]
+            }
+            Item::SelectDb { db } => {
+                self.db = db;
+                Vec::new()
+            }
+            Item::Function { code } => {
+                self.functions.push(v1::FunctionLibrary {
+                    name: library_name(&code),
+                    code,
+                });
+                Vec::new()
+            }
+            Item::Key(header) => {
+                let slot = proto::key_slot(&header.key);
+                self.key = Some(KeyInProgress {
+                    header,
+                    slot,
+                    value: None,
+                    value_bytes: 0,
+                    emitted: 0,
+                });
+                Vec::new()
+            }
+            Item::Piece(Piece::String(mut bytes)) => {
+                // An LZF-compressed string arrives whole: cut it to the piece size here.
+                let mut out = Vec::new();
+                while !bytes.is_empty() {
+                    let Some(key) = self.key.as_mut() else {
+                        return out;
+                    };
+                    let room = self.piece_bytes.saturating_sub(key.value_bytes).max(1);
+                    let part = bytes.split_to(room.min(bytes.len()));
+                    key.value_bytes += merge(&mut key.value, Piece::String(part));
+                    if key.value_bytes >= self.piece_bytes {
+                        out.push(self.emit_piece(false));
+                    }
+                }
+                out
+            }
+            Item::Piece(piece) => {
+                let Some(key) = self.key.as_mut() else {
+                    return Vec::new();
+                };
+                key.value_bytes += merge(&mut key.value, piece);
+                if key.value_bytes >= self.piece_bytes {
+                    let out = self.emit_piece(false);
+                    return vec![out];
+                }
+                Vec::new()
+            }
+            Item::KeyEnd(end) => {
+                let Some(key) = self.key.as_mut() else {
+                    return Vec::new();
+                };
+                self.keys += 1;
+                if key.emitted == 0 {
+                    if let Some(payload) = end.dump {
+                        let module_id = match key.value {
+                            Some(Kind::Dump(ref d)) => d.module_id,
+                            _ => 0,
+                        };
+                        key.value = Some(Kind::Dump(v1::DumpPayload {
+                            payload,
+                            rdb_version: self.rdb_version,
+                            module_id,
+                        }));
+                    }
+                }
+                let out = self.emit_piece(true);
+                self.key = None;
+                vec![out]
+            }
+            Item::Aux { .. }
+            | Item::ResizeDb { .. }
+            | Item::SlotInfo { .. }
+            | Item::ModuleAux { .. }
+            | Item::End { .. } => Vec::new(),
+        }
+    }
+
+    fn emit_piece(&mut self, last: bool) -> Outgoing {
+        let position = self.next_snapshot_position();
+        let db = self.db;
+        let key = self.key.as_mut().expect("a key is in progress");
+        // An empty string has no piece; a last chunk may carry only the TTL.
+        let kind = match key.value.take() {
+            None if key.emitted == 0 => Some(Kind::String(Bytes::new())),
+            kind => kind,
+        };
+        let value = v1::Value { kind };
+        key.value_bytes = 0;
+        let expire = if last { key.header.expire_ms } else { None };
+        let body = if key.emitted == 0 {
+            Body::KeyEntry(v1::KeyEntry {
+                key: key.header.key.clone(),
+                expire_at_ms: expire,
+                lru_idle_s: key.header.lru_idle_s,
+                lfu_freq: key.header.lfu_freq.map(u32::from),
+                value: Some(value),
+                chunked: !last,
+            })
+        } else {
+            Body::KeyChunk(v1::KeyChunk {
+                key: key.header.key.clone(),
+                index: key.emitted,
+                last,
+                expire_at_ms: expire,
+                value: Some(value),
+            })
+        };
+        key.emitted += 1;
+        let slot = key.slot;
+        self.to_slot(position, db, slot, body)
+    }
+
+    /// The snapshot ended after `rdb_bytes` bytes: its end marker, which completes the epoch's
+    /// snapshot once acknowledged.
+    pub fn end_snapshot(&mut self, rdb_bytes: u64) -> Outgoing {
+        let position = self.next_snapshot_position();
+        let end = v1::SnapshotEnd {
+            keys: self.keys,
+            rdb_bytes,
+            functions: std::mem::take(&mut self.functions),
+        };
+        let mark = Mark {
+            offset: self.snapshot_offset,
+            snapshot_done: true,
+        };
+        self.db = 0;
+        self.broadcast(position, Body::SnapshotEnd(end), Some(mark))
+    }
+
+    // ---- command stream ----
+
+    /// The records for one command of the stream (none for PING, REPLCONF, SELECT, MULTI and
+    /// the commands inside a transaction until its EXEC).
+    pub fn command(&mut self, cmd: resp::Command) -> Vec<Outgoing> {
+        let offset = cmd.end_offset;
+        match cmd.kind {
+            resp::Kind::Select(db) => {
+                self.db = db;
+                self.advance_outside_multi(offset);
+                return Vec::new();
+            }
+            resp::Kind::Ping | resp::Kind::GetAck => {
+                self.advance_outside_multi(offset);
+                return Vec::new();
+            }
+            resp::Kind::Write => {}
+        }
+        let name = &cmd.args[0];
+        if name.eq_ignore_ascii_case(b"multi") {
+            self.multi = Some(Vec::new());
+            return Vec::new();
+        }
+        if name.eq_ignore_ascii_case(b"exec") {
+            let Some(commands) = self.multi.take() else {
+                return Vec::new();
+            };
+            self.safe_offset = offset;
+            return self.transaction(commands, offset);
+        }
+        if let Some(multi) = self.multi.as_mut() {
+            multi.push((self.db, cmd.args));
+            return Vec::new();
+        }
+        self.safe_offset = offset;
+        let db = self.db;
+        let mut out = match commands::route(&cmd.args) {
+            Route::Slot(slot) => {
+                let p = Position::new(self.epoch, offset, 0);
+                vec![self.to_slot(p, db, slot, command_body(cmd.args))]
+            }
+            Route::Split(pieces) => pieces
+                .into_iter()
+                .enumerate()
+                .map(|(i, (slot, args))| {
+                    let p = Position::new(self.epoch, offset, i as u64);
+                    self.to_slot(p, db, slot, command_body(args))
+                })
+                .collect(),
+            Route::MultiSlot(slots) => vec![self.barrier(
+                v1::BarrierKind::MultiSlot,
+                slots,
+                vec![cmd.args],
+                db,
+                offset,
+            )],
+            Route::Broadcast => vec![self.barrier(
+                v1::BarrierKind::Broadcast,
+                Vec::new(),
+                vec![cmd.args],
+                db,
+                offset,
+            )],
+        };
+        if let Some(last) = out.last_mut() {
+            last.mark = Some(Mark {
+                offset,
+                snapshot_done: true,
+            });
+        }
+        out
+    }
+
+    fn advance_outside_multi(&mut self, offset: u64) {
+        if self.multi.is_none() {
+            self.safe_offset = offset;
+        }
+    }
+
+    fn transaction(&mut self, commands: Vec<(u32, Vec<Bytes>)>, offset: u64) -> Vec<Outgoing> {
+        let mark = Some(Mark {
+            offset,
+            snapshot_done: true,
+        });
+        if commands.is_empty() {
+            return Vec::new();
+        }
+        let db = commands[0].0;
+        let same_db = commands.iter().all(|(d, _)| *d == db);
+        let mut slots = Vec::new();
+        let mut broadcast = false;
+        for (_, args) in &commands {
+            match commands::slots(args) {
+                Some(s) => slots.extend(s),
+                None => broadcast = true,
+            }
+        }
+        slots.sort();
+        slots.dedup();
+        let args: Vec<Vec<Bytes>> = commands.into_iter().map(|(_, a)| a).collect();
+        let mut out = if !broadcast && same_db && slots.len() == 1 {
+            let p = Position::new(self.epoch, offset, 0);
+            let body = Body::Transaction(v1::Transaction {
+                commands: args.into_iter().map(command).collect(),
+            });
+            self.to_slot(p, db, slots[0], body)
+        } else if broadcast || !same_db {
+            self.barrier(v1::BarrierKind::Broadcast, slots, args, db, offset)
+        } else {
+            self.barrier(v1::BarrierKind::MultiSlot, slots, args, db, offset)
+        };
+        out.mark = mark;
+        vec![out]
+    }
+
+    fn barrier(
+        &mut self,
+        kind: v1::BarrierKind,
+        slots: Vec<Slot>,
+        commands: Vec<Vec<Bytes>>,
+        db: u32,
+        offset: u64,
+    ) -> Outgoing {
+        let partitions: Vec<u32> = if kind == v1::BarrierKind::Broadcast {
+            self.all_partitions()
+        } else {
+            let mut p: Vec<u32> = slots
+                .iter()
+                .map(|&s| partition_for_slot(s, self.partitions).0)
+                .collect();
+            p.sort_unstable();
+            p.dedup();
+            p
+        };
+        let body = Body::Barrier(v1::Barrier {
+            kind: kind as i32,
+            partitions: partitions.clone(),
+            commands: commands.into_iter().map(command).collect(),
+            slots: slots.iter().map(|s| u32::from(s.get())).collect(),
+        });
+        let position = Position::new(self.epoch, offset, 0);
+        Outgoing {
+            partitions,
+            key: RecordKey::Unslotted,
+            record: self.record(position, db, None, body),
+            mark: None,
+        }
+    }
+
+    /// A heartbeat on every partition, unless a transaction is open (its offset would not be
+    /// safe to resume from).
+    pub fn heartbeat(&mut self) -> Option<Outgoing> {
+        if self.multi.is_some() || self.key.is_some() {
+            return None;
+        }
+        let offset = self.safe_offset;
+        // Heartbeats sort after every record at their offset and are never applied.
+        let position = Position::new(self.epoch, offset, u64::MAX);
+        let body = Body::Heartbeat(v1::Heartbeat {
+            master_repl_offset: offset,
+        });
+        Some(self.broadcast(
+            position,
+            body,
+            Some(Mark {
+                offset,
+                snapshot_done: true,
+            }),
+        ))
+    }
+}
+
+fn command(args: Vec<Bytes>) -> v1::Command {
+    v1::Command { args }
+}
+
+fn command_body(args: Vec<Bytes>) -> Body {
+    Body::Command(command(args))
+}
+
+/// The library name from a function's `#!<engine> name=<name>` first line.
+fn library_name(code: &[u8]) -> String {
+    let first = code.split(|&b| b == b'\n').next().unwrap_or_default();
+    String::from_utf8_lossy(first)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("name="))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Adds a decoded piece to a value being built; returns the bytes it added.
+fn merge(value: &mut Option<Kind>, piece: Piece) -> usize {
+    use proto::chunk::ELEMENT_OVERHEAD_BYTES as E;
+    match piece {
+        Piece::String(b) => {
+            let n = b.len();
+            match value {
+                Some(Kind::String(s)) => {
+                    let mut joined = bytes::BytesMut::with_capacity(s.len() + b.len());
+                    joined.extend_from_slice(s);
+                    joined.extend_from_slice(&b);
+                    *s = joined.freeze();
+                }
+                _ => *value = Some(Kind::String(b)),
+            }
+            n
+        }
+        Piece::List(items) => {
+            let n = items.iter().map(|i| i.len() + E).sum();
+            let v = value.get_or_insert_with(|| Kind::List(v1::ListValue::default()));
+            if let Kind::List(l) = v {
+                l.elements.extend(items);
+            }
+            n
+        }
+        Piece::Set(items) => {
+            let n = items.iter().map(|i| i.len() + E).sum();
+            let v = value.get_or_insert_with(|| Kind::Set(v1::SetValue::default()));
+            if let Kind::Set(l) = v {
+                l.members.extend(items);
+            }
+            n
+        }
+        Piece::ZSet(items) => {
+            let n = items.iter().map(|(m, _)| m.len() + 8 + E).sum();
+            let v = value.get_or_insert_with(|| Kind::Zset(v1::ZSetValue::default()));
+            if let Kind::Zset(z) = v {
+                z.members.extend(
+                    items
+                        .into_iter()
+                        .map(|(m, score)| v1::ZSetMember { member: m, score }),
+                );
+            }
+            n
+        }
+        Piece::Hash(items) => {
+            let n = items
+                .iter()
+                .map(|(f, v, _)| f.len() + v.len() + 2 * E)
+                .sum();
+            let v = value.get_or_insert_with(|| Kind::Hash(v1::HashValue::default()));
+            if let Kind::Hash(h) = v {
+                h.fields
+                    .extend(items.into_iter().map(|(field, value, ttl)| v1::HashField {
+                        field,
+                        value,
+                        expire_at_ms: ttl,
+                    }));
+            }
+            n
+        }
+        Piece::StreamEntries(entries) => {
+            let v = value.get_or_insert_with(|| Kind::Stream(v1::StreamValue::default()));
+            let mut n = 0;
+            if let Kind::Stream(s) = v {
+                for e in entries {
+                    let mut fields = Vec::with_capacity(e.fields.len() * 2);
+                    for (f, val) in e.fields {
+                        n += f.len() + val.len() + 2 * E;
+                        fields.push(f);
+                        fields.push(val);
+                    }
+                    n += 16;
+                    s.entries.push(v1::StreamEntry {
+                        id: Some(stream_id(e.id)),
+                        fields,
+                    });
+                }
+            }
+            n
+        }
+        Piece::StreamMeta(meta) => {
+            let v = value.get_or_insert_with(|| Kind::Stream(v1::StreamValue::default()));
+            if let Kind::Stream(s) = v {
+                s.length = meta.length;
+                s.last_id = Some(stream_id(meta.last_id));
+                s.entries_added = meta.entries_added;
+                s.max_deleted_id = meta.max_deleted_id.map(stream_id);
+            }
+            64
+        }
+        Piece::StreamGroup(g) => {
+            let v = value.get_or_insert_with(|| Kind::Stream(v1::StreamValue::default()));
+            let mut n = g.name.len() + 32;
+            if let Kind::Stream(s) = v {
+                let pending = g
+                    .pending
+                    .into_iter()
+                    .map(|(id, consumer, time, count)| {
+                        n += consumer.len() + 40;
+                        v1::StreamPendingEntry {
+                            id: Some(stream_id(id)),
+                            consumer,
+                            delivery_time_ms: time,
+                            delivery_count: count,
+                        }
+                    })
+                    .collect();
+                let consumers = g
+                    .consumers
+                    .into_iter()
+                    .map(|c| {
+                        n += c.name.len() + 24;
+                        v1::StreamConsumer {
+                            name: c.name,
+                            seen_time_ms: c.seen_time_ms,
+                            active_time_ms: c.active_time_ms,
+                        }
+                    })
+                    .collect();
+                s.groups.push(v1::StreamGroup {
+                    name: g.name,
+                    last_delivered_id: Some(stream_id(g.last_delivered_id)),
+                    entries_read: g.entries_read,
+                    pending,
+                    consumers,
+                });
+            }
+            n
+        }
+        Piece::Module { module_id } => {
+            *value = Some(Kind::Dump(v1::DumpPayload {
+                payload: Bytes::new(),
+                rdb_version: 0,
+                module_id,
+            }));
+            0
+        }
+    }
+}
+
+fn stream_id(id: rdb::StreamId) -> v1::StreamId {
+    v1::StreamId {
+        ms: id.ms,
+        seq: id.seq,
+    }
+}
