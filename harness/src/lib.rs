@@ -9,6 +9,7 @@
 //! - [`fake_master`]: plays a recorded replication capture from the corpus to a replica.
 //! - [`dataset`]: reads a deployment (or a corpus JSON) into canonical form and compares two.
 //! - [`corpus`]: where `../shared/corpus` is.
+//! - [`pipeline`]: source, broker, target and both connectors together, and wait-until-equal.
 //! - [`connector`]: the built `source-connector` and `sink-connector` binaries as processes,
 //!   with their metrics.
 
@@ -18,6 +19,7 @@ pub mod connector;
 pub mod corpus;
 pub mod dataset;
 pub mod fake_master;
+pub mod pipeline;
 pub mod ports;
 pub mod process;
 pub mod redis;

@@ -1,1 +1,63 @@
-fn main() {}
+//! `sink-connector`: command-line entry point.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Consumes the replication topic in order and applies it to a target Redis, exactly once.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply the topic to the target until stopped.
+    ///
+    /// Configuration comes from the TOML file, overridden by SINK_* environment variables
+    /// (nested keys joined by `__`, e.g. SINK_REDIS__URL). See docs/configuration.md.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            service::init_logging();
+            let config = sink_connector::config::Config::load(config.as_deref())?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let handle = service::http::install_recorder()?;
+                let health = service::http::Health::default();
+                let addr =
+                    service::http::serve(config.metrics.listen, handle, health.clone()).await?;
+                tracing::info!(
+                    "sink-connector {}: topic {} at {} -> {}; metrics on http://{addr}/metrics",
+                    env!("CARGO_PKG_VERSION"),
+                    config.kafka.topic,
+                    config.kafka.bootstrap_servers,
+                    service::config::redact_url(&config.redis.url),
+                );
+                let shutdown = service::shutdown::signal();
+                sink_connector::run::run(config, health, shutdown).await
+            })
+        }
+    }
+}

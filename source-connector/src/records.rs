@@ -491,8 +491,9 @@ fn library_name(code: &[u8]) -> String {
         .to_owned()
 }
 
-/// Adds a decoded piece to a value being built; returns the bytes it added.
-fn merge(value: &mut Option<Kind>, piece: Piece) -> usize {
+/// Adds a decoded piece to a value being built (as a topic value); returns the bytes it added.
+/// The sink uses it too, to rebuild a DUMP payload its target cannot RESTORE.
+pub fn merge(value: &mut Option<Kind>, piece: Piece) -> usize {
     use proto::chunk::ELEMENT_OVERHEAD_BYTES as E;
     match piece {
         Piece::String(b) => {

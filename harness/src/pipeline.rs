@@ -1,0 +1,151 @@
+//! A whole pipeline on loopback: source Redis, broker, target Redis, and both connectors as
+//! real processes, plus a wait-until-equal helper built on the dataset comparison.
+
+use crate::broker::{random_topic, Broker, Storage};
+use crate::connector::{Connector, Kind};
+use crate::dataset::{self, CompareOptions, Report};
+use crate::redis::{RedisConfig, RedisServer};
+use std::time::{Duration, Instant};
+
+/// The sink's default checkpoint key prefix (excluded from comparisons).
+pub const CHECKPOINT_PREFIX: &str = "redis-repl:checkpoint";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub partitions: u32,
+    pub source: RedisConfig,
+    pub target: RedisConfig,
+    pub storage: Storage,
+    /// Extra TOML lines for the sink's `[apply]` table.
+    pub sink_apply: String,
+    /// Extra TOML lines for the source's `[snapshot]` table.
+    pub source_snapshot: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            partitions: 4,
+            source: RedisConfig::default(),
+            target: RedisConfig::default().with("maxmemory-policy", "noeviction"),
+            storage: Storage::Memory,
+            sink_apply: String::new(),
+            source_snapshot: String::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Pipeline {
+    pub source: RedisServer,
+    pub target: RedisServer,
+    pub broker: Broker,
+    pub topic: String,
+    pub source_connector: Connector,
+    pub sink: Connector,
+    pub options: Options,
+}
+
+impl Pipeline {
+    /// Starts everything; the source may already hold data or get it later.
+    pub fn start(options: Options) -> anyhow::Result<Pipeline> {
+        let source = RedisServer::start(options.source.clone())?;
+        let target = RedisServer::start(options.target.clone())?;
+        Pipeline::start_with(source, target, options)
+    }
+
+    /// Starts the broker and both connectors between existing servers.
+    pub fn start_with(
+        source: RedisServer,
+        target: RedisServer,
+        options: Options,
+    ) -> anyhow::Result<Pipeline> {
+        let broker = Broker::start(options.storage)?;
+        let topic = random_topic("pipeline");
+        let source_connector = Connector::start(
+            Kind::Source,
+            &source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+            &[],
+        )?;
+        let sink = Connector::start(
+            Kind::Sink,
+            &sink_config(&target.url(), &broker.bootstrap(), &topic, &options),
+            &[],
+        )?;
+        Ok(Pipeline {
+            source,
+            target,
+            broker,
+            topic,
+            source_connector,
+            sink,
+            options,
+        })
+    }
+
+    /// Another sink process in the same consumer group.
+    pub fn extra_sink(&self) -> anyhow::Result<Connector> {
+        Connector::start(
+            Kind::Sink,
+            &sink_config(
+                &self.target.url(),
+                &self.broker.bootstrap(),
+                &self.topic,
+                &self.options,
+            ),
+            &[],
+        )
+    }
+
+    /// Source and target datasets compared (checkpoint keys ignored).
+    pub fn compare(&self) -> anyhow::Result<Report> {
+        let opts = CompareOptions {
+            ignore_prefix: Some(CHECKPOINT_PREFIX.as_bytes().to_vec()),
+            ..CompareOptions::default()
+        };
+        let expected = dataset::read(&mut [self.source.conn()])?;
+        let actual = dataset::read(&mut [self.target.conn()])?;
+        Ok(expected.compare(&actual, &opts))
+    }
+
+    /// Waits until the target equals the source, or fails with the last differences and logs.
+    pub fn wait_equal(&self, timeout: Duration) -> anyhow::Result<Report> {
+        let started = Instant::now();
+        loop {
+            let report = self.compare()?;
+            if report.is_equal() {
+                return Ok(report);
+            }
+            if started.elapsed() > timeout {
+                anyhow::bail!(
+                    "target still differs from source after {timeout:?}:\n{report}\n---- source connector ----\n{}\n---- sink ----\n{}",
+                    tail(&self.source_connector.log(), 6000),
+                    tail(&self.sink.log(), 6000)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+pub fn source_config(redis_url: &str, bootstrap: &str, topic: &str, o: &Options) -> String {
+    format!(
+        "[redis]\nurl = \"{redis_url}\"\nshard_name = \"source\"\n\n[kafka]\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\"\npartitions = {}\n\n[snapshot]\n{}\n",
+        o.partitions, o.source_snapshot
+    )
+}
+
+pub fn sink_config(redis_url: &str, bootstrap: &str, topic: &str, o: &Options) -> String {
+    format!(
+        "[redis]\nurl = \"{redis_url}\"\n\n[kafka]\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\"\ngroup_id = \"sink-{topic}\"\n\n[apply]\n{}\n",
+        o.sink_apply
+    )
+}

@@ -1,0 +1,229 @@
+//! The sink connector's configuration (`--config FILE`, overridden by `SINK_*` variables; every
+//! key is documented in docs/configuration.md).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub redis: RedisConfig,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub apply: ApplyConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Standalone unless the target says `cluster_enabled:1`.
+    Auto,
+    Standalone,
+    Cluster,
+    /// Looks standalone but may refuse SELECT and some commands (managed "DCS-style" services).
+    Proxy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port`.
+    pub url: String,
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    /// Map source db -> target db (as strings in TOML: `"1" = 0`). Unmapped dbs keep their number,
+    /// except in proxy mode without SELECT, where everything goes to the endpoint's db.
+    #[serde(default)]
+    pub db_map: BTreeMap<String, u32>,
+    /// Whether the target accepts SELECT (false for most proxies).
+    #[serde(default = "yes")]
+    pub select: bool,
+    /// Rename commands the target knows under another name (`"FLUSHALL" = "MYFLUSHALL"`).
+    #[serde(default)]
+    pub rename_commands: BTreeMap<String, String>,
+    /// Seconds to wait for a connection or a reply.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    #[serde(default = "default_group")]
+    pub group_id: String,
+    /// Passed to librdkafka as is (`security.protocol`, `sasl.*`, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Conflict {
+    /// Overwrite a key that already exists on the target (RESTORE ... REPLACE).
+    Replace,
+    /// Leave the existing key alone.
+    Keep,
+    /// Stop the lane.
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlushPolicy {
+    Apply,
+    Ignore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Stop the lane, say why in logs, metrics and /health; other lanes go on.
+    Halt,
+    /// Send the record with the error to `dead_letter_topic` and continue.
+    DeadLetter,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// Most records applied in one MULTI/EXEC with their checkpoint.
+    #[serde(default = "default_batch_records")]
+    pub batch_records: usize,
+    /// Prefix of the checkpoint keys in the target (excluded from `verify`).
+    #[serde(default = "default_prefix")]
+    pub checkpoint_prefix: String,
+    #[serde(default = "default_conflict")]
+    pub snapshot_conflict: Conflict,
+    #[serde(default = "default_flush")]
+    pub flush: FlushPolicy,
+    #[serde(default = "default_on_error")]
+    pub on_error: OnError,
+    /// Required when `on_error = "dead-letter"`.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Longest wait between retries of a write the target refused for now (OOM, LOADING ...).
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// Most elements per command when a value is rebuilt with type commands.
+    #[serde(default = "default_rebuild_elements")]
+    pub rebuild_elements: usize,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            batch_records: default_batch_records(),
+            checkpoint_prefix: default_prefix(),
+            snapshot_conflict: default_conflict(),
+            flush: default_flush(),
+            on_error: default_on_error(),
+            dead_letter_topic: None,
+            max_backoff_ms: default_max_backoff_ms(),
+            rebuild_elements: default_rebuild_elements(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_mode() -> Mode {
+    Mode::Auto
+}
+fn default_timeout_s() -> u64 {
+    10
+}
+fn default_group() -> String {
+    "redis-repl-sink".into()
+}
+fn default_batch_records() -> usize {
+    512
+}
+fn default_prefix() -> String {
+    "redis-repl:checkpoint".into()
+}
+fn default_conflict() -> Conflict {
+    Conflict::Replace
+}
+fn default_flush() -> FlushPolicy {
+    FlushPolicy::Apply
+}
+fn default_on_error() -> OnError {
+    OnError::Halt
+}
+fn default_max_backoff_ms() -> u64 {
+    5000
+}
+fn default_rebuild_elements() -> usize {
+    1000
+}
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9102))
+}
+
+impl Config {
+    pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+        let c: Config = service::config::load(path, "SINK")?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        source_connector::config::Endpoint::parse(&self.redis.url)?;
+        anyhow::ensure!(!self.kafka.topic.is_empty(), "kafka.topic is empty");
+        anyhow::ensure!(
+            (1..=100_000).contains(&self.apply.batch_records),
+            "apply.batch_records = {} is out of range 1-100000",
+            self.apply.batch_records
+        );
+        for k in self.redis.db_map.keys() {
+            anyhow::ensure!(
+                k.parse::<u32>().is_ok(),
+                "redis.db_map key {k:?} is not a db number"
+            );
+        }
+        if self.apply.on_error == OnError::DeadLetter {
+            anyhow::ensure!(
+                self.apply.dead_letter_topic.is_some(),
+                "apply.on_error = \"dead-letter\" needs apply.dead_letter_topic"
+            );
+        }
+        anyhow::ensure!(
+            self.redis.mode != Mode::Cluster,
+            "redis.mode = \"cluster\" is not supported by this build yet (see README status)"
+        );
+        Ok(())
+    }
+
+    /// The target db for a source db.
+    pub fn map_db(&self, db: u32) -> u32 {
+        if !self.redis.select {
+            return 0;
+        }
+        self.redis
+            .db_map
+            .get(&db.to_string())
+            .copied()
+            .unwrap_or(db)
+    }
+}

@@ -1,0 +1,358 @@
+//! What a record means for the target: the commands that apply it.
+//!
+//! Snapshot keys are restored from their DUMP payload when the target reads that RDB version;
+//! otherwise (and for chunked values) they are rebuilt with type commands in bounded batches:
+//! the first piece replaces the key, later pieces append, the TTL comes with the last piece.
+
+use crate::config::{Config, Conflict};
+use bytes::Bytes;
+use proto::v1::{self, value::Kind};
+use source_connector::rdb;
+
+pub type Args = Vec<Bytes>;
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn num<T: std::fmt::Display>(n: T) -> Bytes {
+    Bytes::from(n.to_string())
+}
+
+/// Formats a score the way Redis reads it back exactly.
+fn score(f: f64) -> Bytes {
+    if f == f64::INFINITY {
+        b("+inf")
+    } else if f == f64::NEG_INFINITY {
+        b("-inf")
+    } else {
+        num(f)
+    }
+}
+
+fn id(i: Option<&v1::StreamId>) -> Bytes {
+    let i = i.cloned().unwrap_or_default();
+    Bytes::from(format!("{}-{}", i.ms, i.seq))
+}
+
+/// Rebuilds (part of) a value with type commands.
+pub fn rebuild(
+    key: &Bytes,
+    value: Option<&v1::Value>,
+    first: bool,
+    expire_at_ms: Option<i64>,
+    last: bool,
+    elements: usize,
+) -> Vec<Args> {
+    let mut out: Vec<Args> = Vec::new();
+    if first {
+        out.push(vec![b("DEL"), key.clone()]);
+    }
+    let per = elements.max(1);
+    match value.and_then(|v| v.kind.as_ref()) {
+        None => {}
+        Some(Kind::String(s)) => {
+            let cmd = if first { "SET" } else { "APPEND" };
+            out.push(vec![b(cmd), key.clone(), s.clone()]);
+        }
+        Some(Kind::List(l)) => {
+            for c in l.elements.chunks(per) {
+                let mut a = vec![b("RPUSH"), key.clone()];
+                a.extend(c.iter().cloned());
+                out.push(a);
+            }
+        }
+        Some(Kind::Set(s)) => {
+            for c in s.members.chunks(per) {
+                let mut a = vec![b("SADD"), key.clone()];
+                a.extend(c.iter().cloned());
+                out.push(a);
+            }
+        }
+        Some(Kind::Zset(z)) => {
+            for c in z.members.chunks(per) {
+                let mut a = vec![b("ZADD"), key.clone()];
+                for m in c {
+                    a.push(score(m.score));
+                    a.push(m.member.clone());
+                }
+                out.push(a);
+            }
+        }
+        Some(Kind::Hash(h)) => {
+            for c in h.fields.chunks(per) {
+                let mut a = vec![b("HSET"), key.clone()];
+                for f in c {
+                    a.push(f.field.clone());
+                    a.push(f.value.clone());
+                }
+                out.push(a);
+            }
+            for f in &h.fields {
+                if let Some(ms) = f.expire_at_ms {
+                    out.push(vec![
+                        b("HPEXPIREAT"),
+                        key.clone(),
+                        num(ms),
+                        b("FIELDS"),
+                        b("1"),
+                        f.field.clone(),
+                    ]);
+                }
+            }
+        }
+        Some(Kind::Stream(s)) => {
+            for e in &s.entries {
+                let mut a = vec![b("XADD"), key.clone(), id(e.id.as_ref())];
+                a.extend(e.fields.iter().cloned());
+                out.push(a);
+            }
+            if let Some(last_id) = &s.last_id {
+                if first && s.entries.is_empty() {
+                    // An empty stream: create it, then empty it.
+                    out.push(vec![b("XADD"), key.clone(), b("0-1"), b("x"), b("x")]);
+                    out.push(vec![b("XDEL"), key.clone(), b("0-1")]);
+                }
+                let mut a = vec![b("XSETID"), key.clone(), id(Some(last_id))];
+                if let Some(n) = s.entries_added {
+                    a.push(b("ENTRIESADDED"));
+                    a.push(num(n));
+                    a.push(b("MAXDELETEDID"));
+                    a.push(id(s.max_deleted_id.as_ref()));
+                }
+                out.push(a);
+            }
+            for g in &s.groups {
+                let mut a = vec![
+                    b("XGROUP"),
+                    b("CREATE"),
+                    key.clone(),
+                    g.name.clone(),
+                    id(g.last_delivered_id.as_ref()),
+                ];
+                if let Some(n) = g.entries_read {
+                    a.push(b("ENTRIESREAD"));
+                    a.push(num(n));
+                }
+                out.push(a);
+                for c in &g.consumers {
+                    out.push(vec![
+                        b("XGROUP"),
+                        b("CREATECONSUMER"),
+                        key.clone(),
+                        g.name.clone(),
+                        c.name.clone(),
+                    ]);
+                }
+                for p in &g.pending {
+                    out.push(vec![
+                        b("XCLAIM"),
+                        key.clone(),
+                        g.name.clone(),
+                        p.consumer.clone(),
+                        b("0"),
+                        id(p.id.as_ref()),
+                        b("TIME"),
+                        num(p.delivery_time_ms),
+                        b("RETRYCOUNT"),
+                        num(p.delivery_count),
+                        b("FORCE"),
+                        b("JUSTID"),
+                    ]);
+                }
+            }
+        }
+        Some(Kind::Dump(_)) => {}
+    }
+    if last {
+        if let Some(ms) = expire_at_ms {
+            out.push(vec![b("PEXPIREAT"), key.clone(), num(ms)]);
+        }
+    }
+    out
+}
+
+/// Turns a DUMP payload back into a typed value, for a target that cannot RESTORE its version.
+pub fn undump(key: &Bytes, payload: &v1::DumpPayload) -> Result<Option<Kind>, String> {
+    let p = &payload.payload;
+    if p.len() < 11 {
+        return Err("DUMP payload shorter than its footer".into());
+    }
+    let version = u16::from_le_bytes([p[p.len() - 10], p[p.len() - 9]]);
+    let mut file = format!("REDIS{version:04}").into_bytes();
+    file.push(p[0]);
+    // The key as an RDB length-prefixed string.
+    let len = key.len();
+    if len < 64 {
+        file.push(len as u8);
+    } else if len < 16384 {
+        file.push(0x40 | (len >> 8) as u8);
+        file.push(len as u8);
+    } else {
+        file.push(0x80);
+        file.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    file.extend_from_slice(key);
+    file.extend_from_slice(&p[1..p.len() - 10]);
+    file.push(0xFF);
+    file.extend_from_slice(&[0u8; 8]);
+    let mut decoder = rdb::Decoder::new(rdb::Config {
+        dump_limit_bytes: 0,
+        ..rdb::Config::default()
+    });
+    decoder.feed(&file);
+    let mut value = None;
+    while let Some(item) = decoder.next_item().map_err(|e| e.to_string())? {
+        if let rdb::Item::Piece(piece) = item {
+            source_connector::records::merge(&mut value, piece);
+        }
+    }
+    decoder.finish().map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
+/// The commands of a snapshot key entry.
+pub fn key_entry(
+    cfg: &Config,
+    entry: &v1::KeyEntry,
+    restore_max_version: u32,
+) -> Result<Vec<Args>, String> {
+    let key = &entry.key;
+    if let Some(Kind::Dump(d)) = entry.value.as_ref().and_then(|v| v.kind.as_ref()) {
+        if d.rdb_version <= restore_max_version {
+            let mut a = vec![
+                b("RESTORE"),
+                key.clone(),
+                num(entry.expire_at_ms.unwrap_or(0).max(0)),
+                d.payload.clone(),
+            ];
+            if cfg.apply.snapshot_conflict == Conflict::Replace {
+                a.push(b("REPLACE"));
+            }
+            if entry.expire_at_ms.is_some() {
+                a.push(b("ABSTTL"));
+            }
+            if let Some(idle) = entry.lru_idle_s {
+                a.push(b("IDLETIME"));
+                a.push(num(idle));
+            } else if let Some(freq) = entry.lfu_freq {
+                a.push(b("FREQ"));
+                a.push(num(freq));
+            }
+            return Ok(vec![a]);
+        }
+        if d.module_id != 0 {
+            return Err(format!(
+                "module value of key {} needs RDB version {}, the target reads up to {restore_max_version}",
+                String::from_utf8_lossy(key),
+                d.rdb_version
+            ));
+        }
+        let kind = undump(key, d).map_err(|e| {
+            format!(
+                "cannot rebuild key {} from its DUMP payload: {e}",
+                String::from_utf8_lossy(key)
+            )
+        })?;
+        let value = v1::Value {
+            kind: Some(kind.unwrap_or(Kind::String(Bytes::new()))),
+        };
+        return Ok(rebuild(
+            key,
+            Some(&value),
+            true,
+            entry.expire_at_ms,
+            true,
+            cfg.apply.rebuild_elements,
+        ));
+    }
+    Ok(rebuild(
+        key,
+        entry.value.as_ref(),
+        true,
+        entry.expire_at_ms,
+        !entry.chunked,
+        cfg.apply.rebuild_elements,
+    ))
+}
+
+/// The commands of a later chunk of a big value.
+pub fn key_chunk(cfg: &Config, chunk: &v1::KeyChunk) -> Vec<Args> {
+    rebuild(
+        &chunk.key,
+        chunk.value.as_ref(),
+        false,
+        chunk.expire_at_ms,
+        chunk.last,
+        cfg.apply.rebuild_elements,
+    )
+}
+
+/// Captured commands, with the operator's renames applied.
+pub fn commands(cfg: &Config, commands: &[v1::Command]) -> Vec<Args> {
+    commands
+        .iter()
+        .map(|c| {
+            let mut args = c.args.clone();
+            if let Some(name) = args.first() {
+                let upper = String::from_utf8_lossy(name).to_ascii_uppercase();
+                if let Some(renamed) = cfg.redis.rename_commands.get(&upper) {
+                    args[0] = Bytes::from(renamed.clone());
+                }
+            }
+            args
+        })
+        .collect()
+}
+
+/// True for `FLUSHALL`/`FLUSHDB`.
+pub fn is_flush(args: &Args) -> bool {
+    args.first()
+        .is_some_and(|n| n.eq_ignore_ascii_case(b"flushall") || n.eq_ignore_ascii_case(b"flushdb"))
+}
+
+/// The RDB version a Redis (or Valkey) version writes, which is the newest it can RESTORE.
+pub fn rdb_version_for(server: &str, version: &str) -> u32 {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    if server == "valkey" {
+        return if major >= 9 { 12 } else { 11 };
+    }
+    match (major, minor) {
+        (8.., _) | (7, 4..) => 12,
+        (7, 2..) => 11,
+        (7, _) => 10,
+        (5..=6, _) => 9,
+        (4, _) => 8,
+        (3, 2..) => 7,
+        _ => 6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(rdb_version_for("redis", "7.0.15"), 10);
+        assert_eq!(rdb_version_for("redis", "7.2.6"), 11);
+        assert_eq!(rdb_version_for("redis", "7.4.1"), 12);
+        assert_eq!(rdb_version_for("redis", "8.0.0"), 12);
+        assert_eq!(rdb_version_for("redis", "6.2.16"), 9);
+        assert_eq!(rdb_version_for("valkey", "8.0.1"), 11);
+    }
+
+    #[test]
+    fn scores_round_trip() {
+        for f in [0.1, 1.0 / 3.0, -2.5e300, 1e-300, f64::INFINITY] {
+            let s = score(f);
+            let back: f64 = String::from_utf8_lossy(&s)
+                .replace("+inf", "inf")
+                .parse()
+                .unwrap();
+            assert_eq!(back, f);
+        }
+    }
+}

@@ -1,0 +1,870 @@
+//! One ordered lane per partition: read records in order, turn them into commands, and apply
+//! them to the target together with the lane's checkpoint in one `MULTI/EXEC`.
+//!
+//! The checkpoint is a hash in the target, `<prefix>:<topic>:<partition>`, with one field per
+//! source shard holding the last applied position. Records at or below it are skipped, so
+//! replays after a crash or a rebalance apply nothing twice. Barrier records (on several
+//! partitions) are coordinated through the same hashes: see [`Lane::barrier`].
+
+use crate::config::{Config, Conflict, FlushPolicy, OnError};
+use crate::convert::{self, Args};
+use crate::target::{self, ApplyError, Op, Target};
+use bytes::Bytes;
+use metrics::{counter, gauge, histogram};
+use proto::topic::{self as wire};
+use proto::v1::{self, record::Body};
+use proto::Position;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use redis::Value;
+use service::http::Health;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Why a lane stopped processing.
+#[derive(Debug)]
+pub enum Stop {
+    /// The partition was revoked (or the process is stopping): not an error.
+    Revoked,
+    /// A permanent error under `on_error = "halt"`.
+    Halted(String),
+}
+
+/// What a lane needs from the rest of the process.
+#[derive(Clone)]
+pub struct LaneEnv {
+    pub cfg: Arc<Config>,
+    pub topic: String,
+    pub health: Health,
+    pub dead_letter: Option<FutureProducer>,
+    pub commit: Arc<dyn Fn(i32, i64) + Send + Sync>,
+}
+
+impl std::fmt::Debug for LaneEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaneEnv")
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+/// Checkpoint key of a partition.
+pub fn checkpoint_key(cfg: &Config, topic: &str, partition: i32) -> Bytes {
+    Bytes::from(format!(
+        "{}:{topic}:{partition}",
+        cfg.apply.checkpoint_prefix
+    ))
+}
+
+fn marker_field(shard: &str) -> Bytes {
+    Bytes::from(format!("barrier:{shard}"))
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+#[derive(Debug)]
+pub struct Lane {
+    env: LaneEnv,
+    partition: i32,
+    label: String,
+    target: Target,
+    key: Bytes,
+    applied: HashMap<String, Position>,
+    control: watch::Receiver<bool>,
+}
+
+/// A record being applied, with where it came from.
+struct Pending {
+    offset: i64,
+    shard: String,
+    position: Position,
+    capture_ms: i64,
+    ops: Vec<Op>,
+    message: OwnedMessage,
+}
+
+impl Lane {
+    pub fn new(
+        env: LaneEnv,
+        partition: i32,
+        control: watch::Receiver<bool>,
+    ) -> anyhow::Result<Lane> {
+        let target = Target::new(&env.cfg)?;
+        let key = checkpoint_key(&env.cfg, &env.topic, partition);
+        Ok(Lane {
+            label: partition.to_string(),
+            env,
+            partition,
+            target,
+            key,
+            applied: HashMap::new(),
+            control,
+        })
+    }
+
+    fn active(&self) -> bool {
+        *self.control.borrow()
+    }
+
+    fn checkpoint_db(&self) -> Option<u32> {
+        self.env.cfg.redis.select.then_some(0)
+    }
+
+    /// Sleeps unless the lane is revoked meanwhile.
+    async fn pause(&mut self, d: Duration) -> Result<(), Stop> {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.control.changed() => {}
+        }
+        if self.active() {
+            Ok(())
+        } else {
+            Err(Stop::Revoked)
+        }
+    }
+
+    /// Runs a non-transactional command, retrying transient errors.
+    async fn query(&mut self, args: &[Bytes]) -> Result<Value, Stop> {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self.target.query(args).await {
+                Ok(v) => return Ok(v),
+                Err(ApplyError::Transient { code, message }) => {
+                    counter!("sink_retries_total", "partition" => self.label.clone(), "code" => code.clone()).increment(1);
+                    tracing::warn!(
+                        partition = self.partition,
+                        "target: {code} {message}; retrying"
+                    );
+                    self.pause(backoff).await?;
+                    backoff =
+                        (backoff * 2).min(Duration::from_millis(self.env.cfg.apply.max_backoff_ms));
+                }
+                Err(e) => {
+                    return Err(Stop::Halted(format!(
+                        "target {}: {e}",
+                        self.target.address()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Loads the lane's checkpoint from the target.
+    pub async fn load(&mut self) -> Result<(), Stop> {
+        let mut args = Vec::new();
+        if let Some(db) = self.checkpoint_db() {
+            // The checkpoint lives in db 0; the query path has no SELECT, so read it in a
+            // transaction-free way by selecting explicitly.
+            let _ = self
+                .query(&[b("SELECT"), Bytes::from(db.to_string())])
+                .await?;
+        }
+        args.push(b("HGETALL"));
+        args.push(self.key.clone());
+        let v = self.query(&args).await?;
+        self.applied.clear();
+        let pairs: Vec<(String, String)> = match v {
+            Value::Array(items) => items
+                .chunks(2)
+                .filter_map(|c| match c {
+                    [Value::BulkString(k), Value::BulkString(v)] => Some((
+                        String::from_utf8_lossy(k).into_owned(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )),
+                    _ => None,
+                })
+                .collect(),
+            Value::Map(items) => items
+                .into_iter()
+                .filter_map(|(k, v)| match (k, v) {
+                    (Value::BulkString(k), Value::BulkString(v)) => Some((
+                        String::from_utf8_lossy(&k).into_owned(),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    )),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (field, value) in pairs {
+            if field.starts_with("barrier:") {
+                continue;
+            }
+            if let Some(p) = Position::parse(&value) {
+                self.applied.insert(field, p);
+            }
+        }
+        tracing::info!(
+            partition = self.partition,
+            "lane starts; applied positions in the target: {:?}",
+            self.applied
+                .iter()
+                .map(|(s, p)| format!("{s}={p}"))
+                .collect::<Vec<_>>()
+        );
+        Ok(())
+    }
+
+    fn is_applied(&self, shard: &str, p: Position) -> bool {
+        self.applied.get(shard).is_some_and(|a| p <= *a)
+    }
+
+    /// Processes a batch of consecutive messages of this partition.
+    pub async fn process(&mut self, messages: Vec<OwnedMessage>) -> Result<(), Stop> {
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut last_offset = None;
+        let count = messages.len();
+        for message in messages {
+            last_offset = Some(message.offset());
+            let content_type = message.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == wire::HEADER_CONTENT_TYPE)
+                    .and_then(|h| h.value.map(<[u8]>::to_vec))
+            });
+            let record = match wire::decode(
+                content_type.as_deref(),
+                message.payload().unwrap_or_default(),
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.flush(&mut batch).await?;
+                    let what = format!(
+                        "topic {} partition {} offset {}: not a record this sink can read: {e}",
+                        self.env.topic,
+                        self.partition,
+                        message.offset()
+                    );
+                    self.reject(&message, &what).await?;
+                    continue;
+                }
+            };
+            let shard = record.source_shard.clone();
+            let position: Position = record.position.unwrap_or_default().into();
+            let Some(body) = record.body else {
+                continue;
+            };
+            if let Body::Heartbeat(_) = body {
+                let lag = (service::now_ms() - record.capture_time_ms).max(0) as f64 / 1000.0;
+                if batch.is_empty() {
+                    gauge!("sink_lag_seconds", "partition" => self.label.clone()).set(lag);
+                }
+                continue;
+            }
+            if self.is_applied(&shard, position)
+                || batch
+                    .iter()
+                    .any(|p| p.shard == shard && position <= p.position)
+            {
+                counter!("sink_records_skipped_total", "partition" => self.label.clone(), "reason" => "duplicate").increment(1);
+                tracing::trace!(
+                    partition = self.partition,
+                    offset = message.offset(),
+                    "skipping {position} of {shard}: already applied up to {:?}: {:?}",
+                    self.applied.get(&shard),
+                    body
+                );
+                continue;
+            }
+            let db = self.env.cfg.map_db(record.db);
+            let dbo = Some(db);
+            let ops_of = |args: Vec<Args>| -> Vec<Op> {
+                args.into_iter().map(|args| Op { db: dbo, args }).collect()
+            };
+            let ops = match body {
+                Body::Barrier(barrier) => {
+                    self.flush(&mut batch).await?;
+                    self.barrier(
+                        &shard,
+                        position,
+                        db,
+                        barrier,
+                        record.capture_time_ms,
+                        &message,
+                    )
+                    .await?;
+                    continue;
+                }
+                Body::SnapshotStart(s) => {
+                    tracing::info!(partition = self.partition, shard = %shard, "snapshot of epoch {} begins (RDB version {}, source offset {})", position.epoch, s.rdb_version, s.repl_offset);
+                    Vec::new()
+                }
+                Body::SnapshotEnd(e) => {
+                    tracing::info!(partition = self.partition, shard = %shard, "snapshot of epoch {} ends ({} keys in all partitions)", position.epoch, e.keys);
+                    Vec::new()
+                }
+                Body::KeyEntry(entry) => {
+                    counter!("sink_snapshot_keys_total", "partition" => self.label.clone())
+                        .increment(1);
+                    match convert::key_entry(&self.env.cfg, &entry, self.target.restore_max_version)
+                    {
+                        Ok(cmds) => ops_of(cmds),
+                        Err(e) => {
+                            self.flush(&mut batch).await?;
+                            let what = format!(
+                                "partition {} offset {}: {e}",
+                                self.partition,
+                                message.offset()
+                            );
+                            self.reject(&message, &what).await?;
+                            self.checkpoint_only(&shard, position).await?;
+                            continue;
+                        }
+                    }
+                }
+                Body::KeyChunk(chunk) => ops_of(convert::key_chunk(&self.env.cfg, &chunk)),
+                Body::Command(c) => ops_of(
+                    self.filtered(convert::commands(&self.env.cfg, std::slice::from_ref(&c))),
+                ),
+                Body::Transaction(t) => {
+                    ops_of(self.filtered(convert::commands(&self.env.cfg, &t.commands)))
+                }
+                Body::Heartbeat(_) => unreachable!("handled above"),
+            };
+            batch.push(Pending {
+                offset: message.offset(),
+                shard,
+                position,
+                capture_ms: record.capture_time_ms,
+                ops,
+                message,
+            });
+        }
+        self.flush(&mut batch).await?;
+        histogram!("sink_batch_records", "partition" => self.label.clone()).record(count as f64);
+        if let Some(offset) = last_offset {
+            (self.env.commit)(self.partition, offset);
+            gauge!("sink_consumed_offset", "partition" => self.label.clone()).set(offset as f64);
+        }
+        Ok(())
+    }
+
+    /// Drops FLUSHALL/FLUSHDB when the policy says so.
+    fn filtered(&self, cmds: Vec<Args>) -> Vec<Args> {
+        if self.env.cfg.apply.flush == FlushPolicy::Ignore {
+            let before = cmds.len();
+            let kept: Vec<Args> = cmds.into_iter().filter(|c| !convert::is_flush(c)).collect();
+            if kept.len() < before {
+                counter!("sink_records_skipped_total", "partition" => self.label.clone(), "reason" => "flush-ignored").increment(1);
+            }
+            return kept;
+        }
+        cmds
+    }
+
+    fn checkpoint_op(&self, key: Bytes, positions: &[(String, Position)]) -> Op {
+        let mut args = vec![b("HSET"), key];
+        for (shard, p) in positions {
+            args.push(Bytes::from(shard.clone()));
+            args.push(Bytes::from(p.to_text()));
+        }
+        Op {
+            db: self.checkpoint_db(),
+            args,
+        }
+    }
+
+    /// Records a position as applied without data (a record that was dead-lettered).
+    async fn checkpoint_only(&mut self, shard: &str, position: Position) -> Result<(), Stop> {
+        let op = self.checkpoint_op(self.key.clone(), &[(shard.to_owned(), position)]);
+        match self.apply(vec![op]).await {
+            Ok(()) | Err(ApplyFailure::Continue) => {}
+            Err(ApplyFailure::Stop(s)) => return Err(s),
+            Err(ApplyFailure::Record { error, .. }) => {
+                return Err(self.halt(&format!("cannot write the checkpoint: {error}")))
+            }
+        }
+        self.applied.insert(shard.to_owned(), position);
+        Ok(())
+    }
+
+    /// Applies the pending records and their checkpoint in one transaction.
+    async fn flush(&mut self, batch: &mut Vec<Pending>) -> Result<(), Stop> {
+        while !batch.is_empty() {
+            let mut ops: Vec<Op> = Vec::new();
+            let mut owner: Vec<usize> = Vec::new();
+            let mut last: HashMap<String, Position> = HashMap::new();
+            for (i, p) in batch.iter().enumerate() {
+                ops.extend(p.ops.iter().cloned());
+                owner.extend(std::iter::repeat_n(i, p.ops.len()));
+                last.insert(p.shard.clone(), p.position);
+            }
+            let positions: Vec<(String, Position)> = last.into_iter().collect();
+            ops.push(self.checkpoint_op(self.key.clone(), &positions));
+            let started = Instant::now();
+            tracing::trace!(
+                partition = self.partition,
+                "applying offsets {}..={} positions {}..={}",
+                batch[0].offset,
+                batch[batch.len() - 1].offset,
+                batch[0].position,
+                batch[batch.len() - 1].position
+            );
+            match self.apply(ops.clone()).await {
+                Ok(()) | Err(ApplyFailure::Continue) => {
+                    let now = service::now_ms();
+                    for p in batch.iter() {
+                        histogram!("sink_end_to_end_seconds")
+                            .record((now - p.capture_ms).max(0) as f64 / 1000.0);
+                    }
+                    let n_cmds: usize = batch.iter().map(|p| p.ops.len()).sum();
+                    counter!("sink_records_applied_total", "partition" => self.label.clone())
+                        .increment(batch.len() as u64);
+                    counter!("sink_commands_applied_total", "partition" => self.label.clone())
+                        .increment(n_cmds as u64);
+                    histogram!("sink_apply_seconds", "partition" => self.label.clone())
+                        .record(started.elapsed().as_secs_f64());
+                    if let Some(p) = batch.last() {
+                        gauge!("sink_applied_offset", "partition" => self.label.clone())
+                            .set(p.offset as f64);
+                        gauge!("sink_applied_repl_offset", "partition" => self.label.clone())
+                            .set(p.position.offset as f64);
+                        gauge!("sink_lag_seconds", "partition" => self.label.clone())
+                            .set((now - p.capture_ms).max(0) as f64 / 1000.0);
+                    }
+                    for (shard, p) in positions {
+                        self.applied.insert(shard, p);
+                    }
+                    batch.clear();
+                }
+                Err(ApplyFailure::Stop(s)) => return Err(s),
+                Err(ApplyFailure::Record { op, error }) => {
+                    // A permanent error that stopped the whole transaction: find its record.
+                    let culprit = op.and_then(|i| owner.get(i).copied()).unwrap_or(0);
+                    let p = batch.remove(culprit);
+                    let what = format!(
+                        "partition {} offset {} position {} (shard {}): the target refused the write: {error}",
+                        self.partition, p.offset, p.position, p.shard
+                    );
+                    // Apply what came before it, then deal with it.
+                    let mut before: Vec<Pending> = batch.drain(..culprit).collect();
+                    Box::pin(self.flush(&mut before)).await?;
+                    self.reject(&p.message, &what).await?;
+                    self.checkpoint_only(&p.shard, p.position).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies ops atomically, retrying transient errors until they succeed.
+    async fn apply(&mut self, ops: Vec<Op>) -> Result<(), ApplyFailure> {
+        let mut backoff = Duration::from_millis(10);
+        let mut stalled_since: Option<Instant> = None;
+        let keep = self.env.cfg.apply.snapshot_conflict == Conflict::Keep;
+        loop {
+            let result = self.target.exec(&ops).await;
+            let error = match result {
+                Ok(results) => {
+                    if let Some(since) = stalled_since {
+                        gauge!("sink_lane_stalled", "partition" => self.label.clone()).set(0.0);
+                        tracing::info!(
+                            partition = self.partition,
+                            "target accepts writes again after {:?}",
+                            since.elapsed()
+                        );
+                    }
+                    match target::runtime_error(&results, |code| keep && code == "BUSYKEY") {
+                        None => return Ok(()),
+                        Some(e) => {
+                            // The transaction ran; one command failed inside it. Report it; the
+                            // checkpoint moved with the rest of the batch.
+                            return Err(ApplyFailure::Stop(self.halt_or_continue(&e).await?));
+                        }
+                    }
+                }
+                Err(e) => e,
+            };
+            match error {
+                ApplyError::Transient { code, message } => {
+                    let since = *stalled_since.get_or_insert_with(|| {
+                        gauge!("sink_lane_stalled", "partition" => self.label.clone()).set(1.0);
+                        tracing::warn!(partition = self.partition, "target refused the write ({code} {message}); retrying until it succeeds");
+                        Instant::now()
+                    });
+                    counter!("sink_retries_total", "partition" => self.label.clone(), "code" => code.clone()).increment(1);
+                    let wait = backoff
+                        + Duration::from_millis(
+                            rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1),
+                        );
+                    counter!("sink_lane_stalled_seconds_total", "partition" => self.label.clone())
+                        .increment(0);
+                    metrics::counter!("sink_stalled_milliseconds_total", "partition" => self.label.clone()).increment(wait.as_millis() as u64);
+                    if since.elapsed() > Duration::from_secs(10)
+                        && backoff >= Duration::from_millis(self.env.cfg.apply.max_backoff_ms)
+                    {
+                        tracing::warn!(
+                            partition = self.partition,
+                            "still stalled after {:?}: {code} {message}",
+                            since.elapsed()
+                        );
+                    }
+                    self.pause(wait).await.map_err(ApplyFailure::Stop)?;
+                    backoff =
+                        (backoff * 2).min(Duration::from_millis(self.env.cfg.apply.max_backoff_ms));
+                }
+                ApplyError::Permanent {
+                    code, message, op, ..
+                } => {
+                    return Err(ApplyFailure::Record {
+                        op,
+                        error: format!("{code} {message}"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// A command failed inside a transaction that ran: halt (default) or log and continue.
+    async fn halt_or_continue(&mut self, e: &ApplyError) -> Result<Stop, ApplyFailure> {
+        let what = format!(
+            "partition {}: a command failed on the target inside an applied batch: {e}",
+            self.partition
+        );
+        match self.env.cfg.apply.on_error {
+            OnError::Halt => Ok(self.halt(&what)),
+            OnError::DeadLetter => {
+                tracing::error!(partition = self.partition, "{what}");
+                counter!("sink_command_errors_total", "partition" => self.label.clone())
+                    .increment(1);
+                Err(ApplyFailure::Continue)
+            }
+        }
+    }
+
+    fn halt(&mut self, what: &str) -> Stop {
+        tracing::error!(partition = self.partition, "lane halted: {what}");
+        gauge!("sink_lane_halted", "partition" => self.label.clone()).set(1.0);
+        self.env
+            .health
+            .fail(&format!("lane-{}", self.partition), what);
+        Stop::Halted(what.to_owned())
+    }
+
+    /// A record that cannot be applied: dead-letter it or halt the lane.
+    async fn reject(&mut self, message: &OwnedMessage, what: &str) -> Result<(), Stop> {
+        match (&self.env.cfg.apply.on_error, &self.env.dead_letter) {
+            (OnError::DeadLetter, Some(producer)) => {
+                let topic = self
+                    .env
+                    .cfg
+                    .apply
+                    .dead_letter_topic
+                    .clone()
+                    .unwrap_or_default();
+                let mut headers = message
+                    .headers()
+                    .map(|h| h.as_borrowed().detach())
+                    .unwrap_or_default();
+                headers = headers
+                    .insert(rdkafka::message::Header {
+                        key: "redis-repl-error",
+                        value: Some(what),
+                    })
+                    .insert(rdkafka::message::Header {
+                        key: "redis-repl-origin",
+                        value: Some(&format!(
+                            "{}/{}/{}",
+                            self.env.topic,
+                            self.partition,
+                            message.offset()
+                        )),
+                    });
+                let mut record = FutureRecord::to(&topic)
+                    .payload(message.payload().unwrap_or_default())
+                    .headers(headers);
+                if let Some(k) = message.key() {
+                    record = record.key(k);
+                }
+                producer
+                    .send(record, Duration::from_secs(30))
+                    .await
+                    .map_err(|(e, _)| {
+                        self.halt(&format!(
+                            "{what}; and the dead-letter topic {topic} refused it: {e}"
+                        ))
+                    })?;
+                counter!("sink_dead_lettered_total", "partition" => self.label.clone())
+                    .increment(1);
+                tracing::error!(
+                    partition = self.partition,
+                    "dead-lettered to {topic}: {what}"
+                );
+                Ok(())
+            }
+            _ => Err(self.halt(what)),
+        }
+    }
+
+    /// A barrier: applied once, after every involved partition has applied everything before
+    /// it, and before any applies what follows. The lowest involved partition's lane leads: it
+    /// waits until every other involved lane has written its arrival marker into its own
+    /// checkpoint hash, then applies the commands and advances every involved checkpoint in the
+    /// same transaction. The others wait until their checkpoint shows the barrier applied. All
+    /// state is in the target, so this works across sink processes too.
+    async fn barrier(
+        &mut self,
+        shard: &str,
+        position: Position,
+        db: u32,
+        barrier: v1::Barrier,
+        capture_ms: i64,
+        message: &OwnedMessage,
+    ) -> Result<(), Stop> {
+        let started = Instant::now();
+        let partitions: Vec<i32> = barrier.partitions.iter().map(|&p| p as i32).collect();
+        let leader = partitions.iter().copied().min().unwrap_or(self.partition);
+        let pos_text = Bytes::from(position.to_text());
+        let cmds = self.filtered(convert::commands(&self.env.cfg, &barrier.commands));
+        let flushes = cmds.iter().any(convert::is_flush);
+        counter!("sink_barriers_total", "partition" => self.label.clone()).increment(1);
+        if self.partition != leader {
+            let marker = vec![
+                b("HSET"),
+                self.key.clone(),
+                marker_field(shard),
+                pos_text.clone(),
+            ];
+            self.with_checkpoint_db().await?;
+            self.query(&marker).await?;
+            gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(1.0);
+            loop {
+                self.with_checkpoint_db().await?;
+                let v = self
+                    .query(&[b("HGET"), self.key.clone(), Bytes::from(shard.to_owned())])
+                    .await?;
+                if let Value::BulkString(s) = v {
+                    if Position::parse(&String::from_utf8_lossy(&s)).is_some_and(|p| p >= position)
+                    {
+                        break;
+                    }
+                }
+                self.pause(Duration::from_millis(5)).await?;
+            }
+            gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(0.0);
+            self.applied.insert(shard.to_owned(), position);
+            histogram!("sink_barrier_wait_seconds", "partition" => self.label.clone())
+                .record(started.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        // Leader: wait for every other involved lane to arrive.
+        gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(1.0);
+        let others: Vec<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|&p| p != self.partition)
+            .collect();
+        let mut waiting_logged = false;
+        loop {
+            let mut all = true;
+            for &q in &others {
+                let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
+                self.with_checkpoint_db().await?;
+                let v = self
+                    .query(&[
+                        b("HMGET"),
+                        key,
+                        marker_field(shard),
+                        Bytes::from(shard.to_owned()),
+                    ])
+                    .await?;
+                let arrived = match v {
+                    Value::Array(items) => {
+                        let text = |v: &Value| match v {
+                            Value::BulkString(s) => Some(String::from_utf8_lossy(s).into_owned()),
+                            _ => None,
+                        };
+                        let marker = items.first().and_then(text);
+                        let applied = items
+                            .get(1)
+                            .and_then(text)
+                            .and_then(|t| Position::parse(&t));
+                        marker.as_deref() == Some(&*String::from_utf8_lossy(&pos_text))
+                            || applied.is_some_and(|a| a >= position)
+                    }
+                    _ => false,
+                };
+                if !arrived {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                break;
+            }
+            if !waiting_logged && started.elapsed() > Duration::from_secs(10) {
+                waiting_logged = true;
+                tracing::warn!(partition = self.partition, "barrier {position} has waited {:?} for partitions {others:?} (are they assigned to a running sink?)", started.elapsed());
+            }
+            self.pause(Duration::from_millis(5)).await?;
+        }
+        // Everyone is here: apply once, and move every involved checkpoint with it. A flush
+        // would erase the checkpoint hashes, so they are rewritten after it.
+        let mut ops: Vec<Op> = cmds
+            .into_iter()
+            .map(|args| Op { db: Some(db), args })
+            .collect();
+        for &q in &partitions {
+            let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
+            let mut fields: Vec<(String, Position)> = Vec::new();
+            if flushes {
+                self.with_checkpoint_db().await?;
+                if let Value::Array(items) = self.query(&[b("HGETALL"), key.clone()]).await? {
+                    for c in items.chunks(2) {
+                        if let [Value::BulkString(f), Value::BulkString(v)] = c {
+                            let f = String::from_utf8_lossy(f).into_owned();
+                            if let (false, Some(p)) = (
+                                f.starts_with("barrier:"),
+                                Position::parse(&String::from_utf8_lossy(v)),
+                            ) {
+                                fields.push((f, p));
+                            }
+                        }
+                    }
+                }
+            }
+            fields.retain(|(s, _)| s != shard);
+            fields.push((shard.to_owned(), position));
+            ops.push(self.checkpoint_op(key, &fields));
+        }
+        match self.apply(ops).await {
+            Ok(()) => {}
+            Err(ApplyFailure::Stop(s)) => return Err(s),
+            Err(ApplyFailure::Continue) => {}
+            Err(ApplyFailure::Record { error, .. }) => {
+                let what = format!("partition {} barrier {position} (shard {shard}): the target refused it: {error}", self.partition);
+                self.reject(message, &what).await?;
+                // Release the other lanes: the barrier is settled.
+                let mut ops = Vec::new();
+                for &q in &partitions {
+                    let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
+                    ops.push(self.checkpoint_op(key, &[(shard.to_owned(), position)]));
+                }
+                self.apply(ops).await.map_err(|_| self.halt(&what))?;
+            }
+        }
+        gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(0.0);
+        self.applied.insert(shard.to_owned(), position);
+        histogram!("sink_barrier_wait_seconds", "partition" => self.label.clone())
+            .record(started.elapsed().as_secs_f64());
+        histogram!("sink_end_to_end_seconds")
+            .record((service::now_ms() - capture_ms).max(0) as f64 / 1000.0);
+        counter!("sink_records_applied_total", "partition" => self.label.clone()).increment(1);
+        Ok(())
+    }
+
+    /// Non-transactional checkpoint reads and writes happen in db 0 when SELECT is allowed.
+    async fn with_checkpoint_db(&mut self) -> Result<(), Stop> {
+        if let Some(db) = self.checkpoint_db() {
+            self.target_select(db).await?;
+        }
+        Ok(())
+    }
+
+    async fn target_select(&mut self, db: u32) -> Result<(), Stop> {
+        self.query(&[b("SELECT"), Bytes::from(db.to_string())])
+            .await?;
+        Ok(())
+    }
+}
+
+/// Why a transaction did not go through.
+enum ApplyFailure {
+    Stop(Stop),
+    /// A permanent error of one record, which stopped the whole transaction (`op` indexes the
+    /// ops given to `apply`).
+    Record {
+        op: Option<usize>,
+        error: String,
+    },
+    /// A command failed inside an applied transaction and the policy says go on.
+    Continue,
+}
+
+impl From<Stop> for ApplyFailure {
+    fn from(s: Stop) -> Self {
+        ApplyFailure::Stop(s)
+    }
+}
+
+/// Runs a lane for one partition until the process stops. `busy` is true while the lane may
+/// write to the target; a revocation waits until it is false.
+pub async fn run(
+    mut lane: Lane,
+    queue: rdkafka::consumer::stream_consumer::StreamPartitionQueue<crate::run::Context>,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    batch_records: usize,
+) {
+    use futures_util::FutureExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    loop {
+        busy.store(true, SeqCst);
+        if !lane.active() {
+            busy.store(false, SeqCst);
+            if lane.control.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        gauge!("sink_lane_halted", "partition" => lane.label.clone()).set(0.0);
+        lane.env
+            .health
+            .ok(&format!("lane-{}", lane.partition), "assigned");
+        let mut result = lane.load().await;
+        while result.is_ok() {
+            let first = tokio::select! {
+                m = queue.recv() => m,
+                _ = lane.control.changed() => {
+                    if lane.active() { continue; }
+                    result = Err(Stop::Revoked);
+                    break;
+                }
+            };
+            let mut messages = Vec::new();
+            match first {
+                Ok(m) => messages.push(m.detach()),
+                Err(e) => {
+                    tracing::warn!(partition = lane.partition, "Kafka: {e}");
+                    continue;
+                }
+            }
+            let mut bytes = messages[0].payload().map_or(0, <[u8]>::len);
+            while messages.len() < batch_records && bytes < 8 << 20 {
+                match queue.recv().now_or_never() {
+                    Some(Ok(m)) => {
+                        bytes += m.payload().map_or(0, <[u8]>::len);
+                        messages.push(m.detach());
+                    }
+                    _ => break,
+                }
+            }
+            result = lane.process(messages).await;
+        }
+        if let Err(Stop::Halted(_)) = result {
+            // Stay halted until the partition is revoked (a restart or rebalance retries).
+            busy.store(false, SeqCst);
+            while lane.active() {
+                if lane.control.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+        lane.env.health.remove(&format!("lane-{}", lane.partition));
+    }
+}
+
+/// Marks a committed offset (used by `LaneEnv::commit`).
+pub fn store_offset<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) {
+    if let Err(e) = consumer.store_offset(topic, partition, offset) {
+        tracing::debug!(partition, "cannot store offset {offset}: {e}");
+    }
+}

@@ -1,0 +1,13 @@
+//! The sink connector: consumes the replication topic and applies it to a target Redis.
+//!
+//! - [`config`]: the TOML/environment configuration;
+//! - [`convert`]: what a record means as Redis commands (RESTORE, or rebuilt values);
+//! - [`target`]: the target connection, `MULTI/EXEC` batches and error classification;
+//! - [`lane`]: one ordered lane per partition, checkpoints in the target, barriers;
+//! - [`run`]: the consumer group and rebalances.
+
+pub mod config;
+pub mod convert;
+pub mod lane;
+pub mod run;
+pub mod target;

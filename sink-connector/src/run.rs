@@ -1,0 +1,320 @@
+//! The `run` command: a consumer group over the topic, one lane per partition.
+//!
+//! Every partition's queue is split off the consumer up front, so a partition's messages only
+//! ever reach its lane. Rebalances switch lanes on and off: a revocation waits until the lane
+//! has finished its current transaction, so two sinks never write the same partition at once,
+//! and a newly assigned lane reloads its checkpoint from the target before applying anything.
+
+use crate::config::Config;
+use crate::lane::{self, Lane, LaneEnv};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientContext, Message};
+use service::http::Health;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+struct LaneHandle {
+    active: watch::Sender<bool>,
+    busy: Arc<AtomicBool>,
+}
+
+/// The consumer context: turns rebalances into lane switches.
+pub struct Context {
+    topic: String,
+    lanes: std::sync::Mutex<HashMap<i32, LaneHandle>>,
+}
+
+impl ClientContext for Context {}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+impl Context {
+    fn partitions_of(&self, rebalance: &Rebalance<'_>) -> Vec<i32> {
+        let tpl = match rebalance {
+            Rebalance::Assign(t) | Rebalance::Revoke(t) => t,
+            Rebalance::Error(_) => return Vec::new(),
+        };
+        tpl.elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect()
+    }
+
+    /// Switches lanes off and waits until none of them is writing.
+    fn stop_lanes(&self, partitions: &[i32]) {
+        let busy: Vec<(i32, Arc<AtomicBool>)> = {
+            let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            partitions
+                .iter()
+                .filter_map(|p| {
+                    let h = lanes.get(p)?;
+                    let _ = h.active.send(false);
+                    Some((*p, Arc::clone(&h.busy)))
+                })
+                .collect()
+        };
+        let started = Instant::now();
+        for (p, flag) in busy {
+            while flag.load(SeqCst) {
+                if started.elapsed() > Duration::from_secs(120) {
+                    tracing::error!(
+                        partition = p,
+                        "lane did not stop within 120 s of its revocation"
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+
+    fn start_lanes(&self, partitions: &[i32]) {
+        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        for p in partitions {
+            if let Some(h) = lanes.get(p) {
+                let _ = h.active.send(true);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = rebalance {
+            let partitions = self.partitions_of(rebalance);
+            tracing::info!("partitions revoked: {partitions:?}; stopping their lanes");
+            self.stop_lanes(&partitions);
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(_) => {
+                let partitions = self.partitions_of(rebalance);
+                tracing::info!("partitions assigned: {partitions:?}");
+                metrics::gauge!("sink_assigned_partitions").set(partitions.len() as f64);
+                self.start_lanes(&partitions);
+            }
+            Rebalance::Error(e) => tracing::error!("rebalance error: {e}"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// Partitions of `topic`, waiting (with a log line every 10 s) until it exists.
+fn wait_for_topic(
+    client: &rdkafka::ClientConfig,
+    topic: &str,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<u32> {
+    let started = Instant::now();
+    let mut logged = Instant::now() - Duration::from_secs(60);
+    loop {
+        match source_connector::run::partition_count(client, topic) {
+            Ok(Some(n)) => return Ok(n),
+            Ok(None) => {
+                if logged.elapsed() > Duration::from_secs(10) {
+                    tracing::info!(
+                        "waiting for topic {topic} to exist ({:?} so far)",
+                        started.elapsed()
+                    );
+                    logged = Instant::now();
+                }
+            }
+            Err(e) => {
+                if logged.elapsed() > Duration::from_secs(10) {
+                    tracing::warn!("{e}; retrying");
+                    logged = Instant::now();
+                }
+            }
+        }
+        if *shutdown.borrow() {
+            anyhow::bail!("stopped while waiting for topic {topic}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+pub async fn run(
+    cfg: Config,
+    health: Health,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let topic = cfg.kafka.topic.clone();
+    let base =
+        service::kafka::client_config(&cfg.kafka.bootstrap_servers, &[], &cfg.kafka.properties);
+    let partitions = {
+        let base = base.clone();
+        let topic = topic.clone();
+        let shutdown = shutdown.clone();
+        tokio::task::spawn_blocking(move || wait_for_topic(&base, &topic, &shutdown)).await??
+    };
+    let mut c = service::kafka::client_config(
+        &cfg.kafka.bootstrap_servers,
+        &[
+            ("auto.offset.reset", "earliest"),
+            ("queued.max.messages.kbytes", "16384"),
+            ("session.timeout.ms", "6000"),
+            ("heartbeat.interval.ms", "1000"),
+            // Offsets are only a restart hint; committing every second keeps replays short.
+            ("auto.commit.interval.ms", "1000"),
+        ],
+        &cfg.kafka.properties,
+    );
+    // Offsets are stored only after the records are applied (the target's checkpoint is the
+    // real position; Kafka offsets are the restart hint).
+    c.set("group.id", &cfg.kafka.group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    let context = Context {
+        topic: topic.clone(),
+        lanes: std::sync::Mutex::new(HashMap::new()),
+    };
+    let consumer: Arc<StreamConsumer<Context>> = Arc::new(
+        c.create_with_context(context)
+            .map_err(|e| anyhow::anyhow!("cannot create the Kafka consumer: {e}"))?,
+    );
+    let dead_letter: Option<FutureProducer> = match &cfg.apply.dead_letter_topic {
+        Some(_) => Some(
+            service::kafka::client_config(
+                &cfg.kafka.bootstrap_servers,
+                &[("enable.idempotence", "true"), ("acks", "all")],
+                &cfg.kafka.properties,
+            )
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot create the dead-letter producer: {e}"))?,
+        ),
+        None => None,
+    };
+    let committer = Arc::clone(&consumer);
+    let commit_topic = topic.clone();
+    let env = LaneEnv {
+        cfg: Arc::clone(&cfg),
+        topic: topic.clone(),
+        health: health.clone(),
+        dead_letter,
+        commit: Arc::new(move |partition, offset| {
+            lane::store_offset(&*committer, &commit_topic, partition, offset)
+        }),
+    };
+    let mut tasks = Vec::new();
+    for p in 0..partitions as i32 {
+        let queue = consumer
+            .split_partition_queue(&topic, p)
+            .ok_or_else(|| anyhow::anyhow!("cannot split the queue of partition {p}"))?;
+        let (active, control) = watch::channel(false);
+        let busy = Arc::new(AtomicBool::new(false));
+        consumer
+            .context()
+            .lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                p,
+                LaneHandle {
+                    active,
+                    busy: Arc::clone(&busy),
+                },
+            );
+        let lane = Lane::new(env.clone(), p, control)?;
+        tasks.push(tokio::spawn(lane::run(
+            lane,
+            queue,
+            busy,
+            cfg.apply.batch_records,
+        )));
+    }
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|e| anyhow::anyhow!("cannot subscribe to {topic}: {e}"))?;
+    tracing::info!(
+        "consuming {topic} ({partitions} partitions) as group {}",
+        cfg.kafka.group_id
+    );
+    health.ok("consumer", "subscribed");
+
+    // The main queue carries rebalances and errors; its callbacks block while lanes stop, so it
+    // gets a thread of its own.
+    let main_consumer = Arc::clone(&consumer);
+    let (stop_main, mut main_stopped) = watch::channel(false);
+    let main_health = health.clone();
+    let main = std::thread::Builder::new().name("consumer".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            loop {
+                tokio::select! {
+                    m = main_consumer.recv() => match m {
+                        Ok(m) => tracing::error!(partition = m.partition(), "message outside a lane (the topic grew partitions?); restart the sink"),
+                        Err(e) => {
+                            tracing::warn!("Kafka consumer: {e}");
+                            main_health.ok("consumer", format!("last error: {e}"));
+                        }
+                    },
+                    _ = main_stopped.changed() => break,
+                }
+            }
+        });
+    })?;
+
+    // Lag in records, from the partitions' high watermarks.
+    let lag_consumer = Arc::clone(&consumer);
+    let lag_topic = topic.clone();
+    let lag_task = tokio::task::spawn_blocking(move || loop {
+        std::thread::sleep(Duration::from_secs(5));
+        let Ok(assignment) = lag_consumer.assignment() else {
+            continue;
+        };
+        let positions = lag_consumer.position().unwrap_or_default();
+        for e in assignment.elements() {
+            if e.topic() != lag_topic {
+                continue;
+            }
+            let Ok((_, high)) =
+                lag_consumer.fetch_watermarks(&lag_topic, e.partition(), Duration::from_secs(5))
+            else {
+                continue;
+            };
+            let at = positions
+                .find_partition(&lag_topic, e.partition())
+                .and_then(|p| p.offset().to_raw())
+                .filter(|o| *o >= 0);
+            if let Some(at) = at {
+                metrics::gauge!("sink_lag_records", "partition" => e.partition().to_string())
+                    .set((high - at).max(0) as f64);
+            }
+        }
+    });
+
+    let _ = shutdown.changed().await;
+    tracing::info!("stopping: finishing the lanes' current transactions");
+    let all: Vec<i32> = (0..partitions as i32).collect();
+    {
+        let ctx = consumer.context();
+        let ctx_ptr: &Context = ctx;
+        ctx_ptr.stop_lanes(&all);
+    }
+    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        tracing::debug!("final offset commit: {e}");
+    }
+    let _ = stop_main.send(true);
+    let _ = main.join();
+    lag_task.abort();
+    for t in tasks {
+        t.abort();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
