@@ -1,0 +1,171 @@
+//! Faults through the whole pipeline: a full target (OOM under noeviction), the target restarted
+//! during the stall, and kill -9 of the source connector during the snapshot and the stream.
+
+use harness::pipeline::{Options, Pipeline};
+use harness::redis::{RedisConfig, RedisServer};
+use rand::{Rng, SeedableRng};
+use std::time::{Duration, Instant};
+
+fn exec(conn: &mut redis::Connection, args: &[&[u8]]) {
+    let mut cmd = redis::Cmd::new();
+    for a in args {
+        cmd.arg(*a);
+    }
+    cmd.exec(conn)
+        .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(args[0])));
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (rerun with SEED={seed})");
+    seed
+}
+
+fn oom_pipeline(persistent_target: bool) -> Pipeline {
+    let mut target = RedisConfig::default()
+        .with("maxmemory-policy", "noeviction")
+        .with("maxmemory", "12mb");
+    if persistent_target {
+        target = target
+            .with("appendonly", "yes")
+            .with("appendfsync", "always");
+    }
+    Pipeline::start(Options {
+        target,
+        ..Options::default()
+    })
+    .unwrap()
+}
+
+/// Writes ~40 MB (more than the target's maxmemory) of ordered, non-idempotent data.
+fn write_more_than_maxmemory(source: &RedisServer) {
+    let mut conn = source.conn();
+    let value = vec![b'v'; 10_000];
+    for i in 0..4000 {
+        exec(&mut conn, &[b"SET", format!("blob:{i}").as_bytes(), &value]);
+        exec(&mut conn, &[b"INCR", b"counter"]);
+        exec(&mut conn, &[b"RPUSH", b"order", i.to_string().as_bytes()]);
+    }
+}
+
+fn wait_stalled(p: &Pipeline) {
+    harness::wait_for("a lane to stall on OOM", Duration::from_secs(60), || {
+        let stalled = p.sink.metric("sink_lane_stalled", &[])?;
+        let retries = p.sink.metric("sink_retries_total", &[("code", "OOM")])?;
+        (stalled >= 1.0 && retries > 0.0).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
+}
+
+#[test]
+fn full_target_stalls_then_everything_arrives_in_order() {
+    let p = oom_pipeline(false);
+    write_more_than_maxmemory(&p.source);
+    wait_stalled(&p);
+    // The stall holds: nothing is skipped while the target is full.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(p.compare().unwrap().differences.len() > 100);
+    let health = p.sink.http_get("/health").unwrap();
+    assert_eq!(health.0, 200, "a stall is not a failure: {health:?}");
+    p.target
+        .cmd::<()>(&["CONFIG", "SET", "maxmemory", "0"])
+        .unwrap();
+    p.wait_equal(Duration::from_secs(120)).unwrap();
+    assert_eq!(p.sink.metric("sink_lane_stalled", &[]), Some(0.0));
+}
+
+#[test]
+fn target_restart_during_an_oom_stall() {
+    let mut p = oom_pipeline(true);
+    write_more_than_maxmemory(&p.source);
+    wait_stalled(&p);
+    p.target.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    p.target.restart().unwrap();
+    // Still full after the restart (the AOF brought the data back): still stalled.
+    wait_stalled(&p);
+    p.target
+        .cmd::<()>(&["CONFIG", "SET", "maxmemory", "0"])
+        .unwrap();
+    p.wait_equal(Duration::from_secs(120)).unwrap();
+}
+
+/// kill -9 of the source connector at random points of a large snapshot and of the stream:
+/// the target ends equal, and kills during streaming resume with PSYNC (no new full sync).
+#[test]
+fn source_kill9_during_snapshot_and_streaming() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let source = RedisServer::start(RedisConfig::default()).unwrap();
+    {
+        let mut conn = source.conn();
+        // ~100k keys: a snapshot that takes a few seconds to publish.
+        for chunk in 0..100 {
+            let mut cmd = redis::cmd("MSET");
+            for i in 0..1000 {
+                cmd.arg(format!("snap:{chunk}:{i}"))
+                    .arg(format!("value-{chunk}-{i}"));
+            }
+            cmd.exec(&mut conn).unwrap();
+        }
+    }
+    let target =
+        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
+    let mut p = Pipeline::start_with(source, target, Options::default()).unwrap();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..1500)));
+        p.source_connector.kill9();
+        p.source_connector.restart().unwrap();
+    }
+    p.wait_equal(Duration::from_secs(180)).unwrap();
+    let full_syncs = |p: &Pipeline| -> u64 {
+        p.source
+            .info_field("stats", "sync_full")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let partial = |p: &Pipeline| -> u64 {
+        p.source
+            .info_field("stats", "sync_partial_ok")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let full_before = full_syncs(&p);
+    let partial_before = partial(&p);
+    let mut conn = p.source.conn();
+    for round in 0..5 {
+        let writes = rng.random_range(100..1000);
+        let started = Instant::now();
+        for i in 0..writes {
+            let k = i % 11;
+            exec(&mut conn, &[b"INCR", format!("c:{k}").as_bytes()]);
+            exec(&mut conn, &[b"APPEND", format!("a:{k}").as_bytes(), b"y"]);
+            exec(
+                &mut conn,
+                &[
+                    b"LPUSH",
+                    format!("l:{k}").as_bytes(),
+                    format!("{round}-{i}").as_bytes(),
+                ],
+            );
+        }
+        eprintln!("round {round}: {writes} writes in {:?}", started.elapsed());
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..1000)));
+        p.source_connector.kill9();
+        p.source_connector.restart().unwrap();
+    }
+    p.wait_equal(Duration::from_secs(120)).unwrap();
+    assert_eq!(
+        full_syncs(&p),
+        full_before,
+        "kills during streaming cause no full sync"
+    );
+    assert!(
+        partial(&p) >= partial_before + 5,
+        "each restart continued with PSYNC"
+    );
+}
