@@ -462,6 +462,8 @@ impl Lane {
                 Ok(results) => {
                     if let Some(since) = stalled_since {
                         gauge!("sink_lane_stalled", "partition" => self.label.clone()).set(0.0);
+                        gauge!("sink_lane_stalled_seconds", "partition" => self.label.clone())
+                            .set(0.0);
                         tracing::info!(
                             partition = self.partition,
                             "target accepts writes again after {:?}",
@@ -491,9 +493,8 @@ impl Lane {
                         + Duration::from_millis(
                             rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1),
                         );
-                    counter!("sink_lane_stalled_seconds_total", "partition" => self.label.clone())
-                        .increment(0);
-                    metrics::counter!("sink_stalled_milliseconds_total", "partition" => self.label.clone()).increment(wait.as_millis() as u64);
+                    gauge!("sink_lane_stalled_seconds", "partition" => self.label.clone())
+                        .set(since.elapsed().as_secs_f64());
                     if since.elapsed() > Duration::from_secs(10)
                         && backoff >= Duration::from_millis(self.env.cfg.apply.max_backoff_ms)
                     {

@@ -4,10 +4,12 @@
 //! - [`convert`]: what a record means as Redis commands (RESTORE, or rebuilt values);
 //! - [`target`]: the target connection, `MULTI/EXEC` batches and error classification;
 //! - [`lane`]: one ordered lane per partition, checkpoints in the target, barriers;
-//! - [`run`]: the consumer group and rebalances.
+//! - [`run`]: the consumer group and rebalances;
+//! - [`verify`]: source and target compared key by key.
 
 pub mod config;
 pub mod convert;
 pub mod lane;
 pub mod run;
 pub mod target;
+pub mod verify;

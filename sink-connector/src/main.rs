@@ -22,6 +22,25 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Compare the source with the target key by key; exit 0 only when they match.
+    ///
+    /// Reports keys missing on the target, extra keys and different values or TTLs, with counts
+    /// and examples. The sink's checkpoint keys are ignored. Stop writes to the source (or accept
+    /// differences for keys written meanwhile) for an exact answer.
+    Verify {
+        /// The sink's TOML configuration file (for the target, db mapping and checkpoint prefix).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The source, as redis://[user:password@]host:port.
+        #[arg(long)]
+        source: String,
+        /// Compare this many random keys per db instead of all.
+        #[arg(long)]
+        sample: Option<u64>,
+        /// TTLs within this many milliseconds are equal.
+        #[arg(long, default_value_t = 2000)]
+        ttl_tolerance_ms: i64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +56,23 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Verify {
+            config,
+            source,
+            sample,
+            ttl_tolerance_ms,
+        } => {
+            let config = sink_connector::config::Config::load(config.as_deref())?;
+            let report =
+                sink_connector::verify::verify(&config, &source, sample, ttl_tolerance_ms)?;
+            print!("{report}");
+            if report.is_equal() {
+                println!("source and target match");
+                Ok(())
+            } else {
+                anyhow::bail!("source and target differ")
+            }
+        }
         Command::Run { config } => {
             service::init_logging();
             let config = sink_connector::config::Config::load(config.as_deref())?;

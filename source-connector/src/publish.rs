@@ -146,8 +146,6 @@ impl Publisher {
                     .await
                     .expect("the semaphore is never closed");
                 gauge!("source_backpressure", "shard" => self.shard.clone()).set(0.0);
-                counter!("source_backpressure_seconds_total", "shard" => self.shard.clone())
-                    .increment(waited.elapsed().as_secs_f64().ceil() as u64);
                 histogram!("source_backpressure_wait_seconds", "shard" => self.shard.clone())
                     .record(waited.elapsed().as_secs_f64());
                 p

@@ -405,6 +405,10 @@ async fn full_sync(
             last_progress = Instant::now();
             gauge!("source_snapshot_bytes", "shard" => shard.clone()).set(received as f64);
             gauge!("source_snapshot_keys", "shard" => shard.clone()).set(builder.keys() as f64);
+            if let Some(t) = total {
+                gauge!("source_snapshot_progress_ratio", "shard" => shard.clone())
+                    .set(received as f64 / t.max(1) as f64);
+            }
             let pct = total
                 .map(|t| format!(" ({:.1}%)", 100.0 * received as f64 / t.max(1) as f64))
                 .unwrap_or_default();
@@ -453,6 +457,7 @@ async fn full_sync(
     }
     gauge!("source_snapshot_bytes", "shard" => shard.clone()).set(received as f64);
     gauge!("source_snapshot_keys", "shard" => shard.clone()).set(builder.keys() as f64);
+    gauge!("source_snapshot_progress_ratio", "shard" => shard.clone()).set(1.0);
     let end = builder.end_snapshot(received);
     publisher.publish(end).await?;
     tracing::info!(shard = %shard, "snapshot received: {received} bytes, {} keys in {:?}; waiting for Kafka to acknowledge it", builder.keys(), started.elapsed());

@@ -131,6 +131,40 @@ fn standalone_to_standalone_every_type() {
         .query(&mut p.target.conn())
         .unwrap();
     assert!(format!("{libs:?}").contains("mylib"), "{libs:?}");
+
+    // `verify` agrees, then finds a planted difference and an extra key.
+    let verify = |p: &Pipeline| {
+        std::process::Command::new(harness::connector::binary(harness::connector::Kind::Sink))
+            .args(["verify", "--config"])
+            .arg(p.sink.config_path())
+            .args(["--source", &p.source.url()])
+            .output()
+            .unwrap()
+    };
+    let out = verify(&p);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("source and target match"), "{stdout}");
+    exec(
+        &mut p.target.conn(),
+        &[b"SET", b"str:7", b"changed on the target"],
+    );
+    exec(&mut p.target.conn(), &[b"SET", b"only-on-target", b"x"]);
+    let out = verify(&p);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("1 extra on the target, 1 different"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("str:7") && stdout.contains("only-on-target"),
+        "{stdout}"
+    );
 }
 
 /// kill -9 of the sink at random points while counters, lists, appends and streams are written:

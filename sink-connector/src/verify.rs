@@ -1,0 +1,270 @@
+//! `sink-connector verify`: compares the source and the target key by key (or a random sample)
+//! and reports missing, extra and different keys, with counts and examples.
+
+use crate::config::Config;
+use redis::{Connection, Value};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Outcome of a verification.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub compared: u64,
+    pub missing: Vec<String>,
+    pub extra: Vec<String>,
+    pub different: Vec<String>,
+    pub missing_count: u64,
+    pub extra_count: u64,
+    pub different_count: u64,
+}
+
+impl Report {
+    pub fn is_equal(&self) -> bool {
+        self.missing_count + self.extra_count + self.different_count == 0
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "compared {} keys: {} missing on the target, {} extra on the target, {} different",
+            self.compared, self.missing_count, self.extra_count, self.different_count
+        )?;
+        for (what, list) in [
+            ("missing", &self.missing),
+            ("extra", &self.extra),
+            ("different", &self.different),
+        ] {
+            for k in list {
+                writeln!(f, "  {what}: {k}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+const EXAMPLES: usize = 10;
+
+fn open(url: &str, what: &str) -> anyhow::Result<Connection> {
+    let shown = service::config::redact_url(url);
+    let client =
+        redis::Client::open(url).map_err(|e| anyhow::anyhow!("{what} url {shown}: {e}"))?;
+    client
+        .get_connection_with_timeout(std::time::Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("cannot connect to the {what} at {shown}: {e}"))
+}
+
+fn dbs(conn: &mut Connection) -> anyhow::Result<Vec<(u32, u64)>> {
+    let info: String = redis::cmd("INFO").arg("keyspace").query(conn)?;
+    Ok(info
+        .lines()
+        .filter_map(|l| {
+            let (db, rest) = l.split_once(':')?;
+            let db: u32 = db.strip_prefix("db")?.parse().ok()?;
+            let keys: u64 = rest
+                .split(',')
+                .next()?
+                .strip_prefix("keys=")?
+                .parse()
+                .ok()?;
+            Some((db, keys))
+        })
+        .collect())
+}
+
+fn show(key: &[u8]) -> String {
+    let s = String::from_utf8_lossy(key);
+    if s.len() > 80 {
+        format!(
+            "{:?}... ({} bytes)",
+            &s[..s.char_indices().nth(60).map_or(s.len(), |c| c.0)],
+            key.len()
+        )
+    } else {
+        format!("{s:?}")
+    }
+}
+
+/// A canonical form of a key's value for comparison.
+fn value(conn: &mut Connection, key: &[u8]) -> anyhow::Result<(String, Value, i64)> {
+    let kind: String = redis::cmd("TYPE").arg(key).query(conn)?;
+    let ttl: i64 = redis::cmd("PTTL").arg(key).query(conn)?;
+    let v: Value = match kind.as_str() {
+        "string" => redis::cmd("GET").arg(key).query(conn)?,
+        "list" => redis::cmd("LRANGE").arg(key).arg(0).arg(-1).query(conn)?,
+        "set" => {
+            let mut m: Vec<Vec<u8>> = redis::cmd("SMEMBERS").arg(key).query(conn)?;
+            m.sort();
+            Value::Array(m.into_iter().map(Value::BulkString).collect())
+        }
+        "zset" => redis::cmd("ZRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query(conn)?,
+        "hash" => {
+            let m: BTreeMap<Vec<u8>, Vec<u8>> = redis::cmd("HGETALL").arg(key).query(conn)?;
+            Value::Array(
+                m.into_iter()
+                    .flat_map(|(k, v)| [Value::BulkString(k), Value::BulkString(v)])
+                    .collect(),
+            )
+        }
+        "stream" => {
+            let entries: Value = redis::cmd("XRANGE")
+                .arg(key)
+                .arg("-")
+                .arg("+")
+                .query(conn)?;
+            let groups: Value = redis::cmd("XINFO").arg("GROUPS").arg(key).query(conn)?;
+            Value::Array(vec![entries, groups])
+        }
+        "none" => Value::Nil,
+        _ => redis::cmd("DUMP").arg(key).query(conn)?,
+    };
+    Ok((kind, v, ttl))
+}
+
+fn select(conn: &mut Connection, db: u32) -> anyhow::Result<()> {
+    redis::cmd("SELECT").arg(db).exec(conn)?;
+    Ok(())
+}
+
+/// Compares everything (or `sample` random keys per db) of `source_url` with the target.
+pub fn verify(
+    cfg: &Config,
+    source_url: &str,
+    sample: Option<u64>,
+    ttl_tolerance_ms: i64,
+) -> anyhow::Result<Report> {
+    let mut src = open(source_url, "source")?;
+    let mut dst = open(&cfg.redis.url, "target")?;
+    let prefix = cfg.apply.checkpoint_prefix.as_bytes().to_vec();
+    let mut report = Report::default();
+    let started = Instant::now();
+    let source_dbs = dbs(&mut src)?;
+    let total: u64 = source_dbs
+        .iter()
+        .map(|(_, n)| sample.map_or(*n, |s| s.min(*n)))
+        .sum();
+    let mut last_progress = Instant::now();
+    for &(db, keys) in &source_dbs {
+        let tdb = cfg.map_db(db);
+        select(&mut src, db)?;
+        if cfg.redis.select {
+            select(&mut dst, tdb)?;
+        }
+        let mut candidates: Vec<Vec<u8>> = Vec::new();
+        match sample {
+            Some(n) => {
+                for _ in 0..n.min(keys) {
+                    if let Some(k) = redis::cmd("RANDOMKEY").query::<Option<Vec<u8>>>(&mut src)? {
+                        candidates.push(k);
+                    }
+                }
+                candidates.sort();
+                candidates.dedup();
+            }
+            None => {
+                let mut cursor = 0u64;
+                loop {
+                    let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query(&mut src)?;
+                    candidates.extend(batch);
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+        }
+        for key in candidates {
+            if key.starts_with(&prefix) {
+                continue;
+            }
+            report.compared += 1;
+            let (skind, sval, sttl) = value(&mut src, &key)?;
+            if skind == "none" {
+                continue; // expired or deleted meanwhile
+            }
+            let (dkind, dval, dttl) = value(&mut dst, &key)?;
+            let name = format!("db {db} key {}", show(&key));
+            if dkind == "none" {
+                report.missing_count += 1;
+                if report.missing.len() < EXAMPLES {
+                    report.missing.push(name);
+                }
+            } else if skind != dkind || sval != dval {
+                report.different_count += 1;
+                if report.different.len() < EXAMPLES {
+                    report
+                        .different
+                        .push(format!("{name}: value differs ({skind} vs {dkind})"));
+                }
+            } else if (sttl < 0) != (dttl < 0)
+                || (sttl >= 0 && (sttl - dttl).abs() > ttl_tolerance_ms)
+            {
+                report.different_count += 1;
+                if report.different.len() < EXAMPLES {
+                    report
+                        .different
+                        .push(format!("{name}: TTL {sttl} ms vs {dttl} ms"));
+                }
+            }
+            if last_progress.elapsed().as_secs() >= 2 {
+                last_progress = Instant::now();
+                eprintln!(
+                    "verified {} of {total} keys ({:.0}%) in {:?}",
+                    report.compared,
+                    100.0 * report.compared as f64 / total.max(1) as f64,
+                    started.elapsed()
+                );
+            }
+        }
+    }
+    // Extra keys on the target (only for full comparisons).
+    if sample.is_none() {
+        let target_dbs = dbs(&mut dst)?;
+        for (tdb, _) in target_dbs {
+            if cfg.redis.select {
+                select(&mut dst, tdb)?;
+            }
+            let source_db = source_dbs
+                .iter()
+                .map(|(d, _)| *d)
+                .find(|d| cfg.map_db(*d) == tdb)
+                .unwrap_or(tdb);
+            select(&mut src, source_db)?;
+            let mut cursor = 0u64;
+            loop {
+                let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(&mut dst)?;
+                for key in batch {
+                    if key.starts_with(&prefix) {
+                        continue;
+                    }
+                    let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut src)?;
+                    if exists == 0 {
+                        report.extra_count += 1;
+                        if report.extra.len() < EXAMPLES {
+                            report.extra.push(format!("db {tdb} key {}", show(&key)));
+                        }
+                    }
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+    }
+    Ok(report)
+}
