@@ -2,7 +2,6 @@
 //! `<PREFIX>_<SECTION>__<KEY>` overriding it. Unknown keys are errors (the config structs use
 //! `deny_unknown_fields`), and every error names the key and where its value came from.
 
-use anyhow::Context;
 use serde::de::DeserializeOwned;
 use std::path::Path;
 
@@ -32,10 +31,24 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>, env_prefix: &str) -> anyho
     let merged = builder
         .add_source(env)
         .build()
-        .with_context(|| format!("invalid configuration in {where_}"))?;
-    merged
-        .try_deserialize()
-        .map_err(|e| anyhow::anyhow!("invalid configuration in {where_}: {e}"))
+        .map_err(|e| anyhow::anyhow!("invalid configuration in {where_}: {}", one_line(&e.to_string())))?;
+    merged.try_deserialize().map_err(|e| {
+        anyhow::anyhow!(
+            "invalid configuration in {where_}: {}",
+            one_line(&e.to_string())
+        )
+    })
+}
+
+/// Folds a multi-line parser message (with its source snippet) into one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| matches!(c, '|' | '^' | ' ' | '-')))
+        .map(|l| l.trim_start_matches("| ").trim_start_matches('|').trim())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Hides the password of a `redis://user:password@host` URL for logs.
