@@ -58,7 +58,7 @@ start_redis() { # name port extra-args...
 }
 
 if [ -z "$SOURCE_URL" ]; then
-  start_redis source "$SOURCE_PORT"
+  start_redis source "$SOURCE_PORT" --enable-debug-command local
   SOURCE_URL="redis://127.0.0.1:$SOURCE_PORT"
   echo "loading sample data of every type into the source..."
   redis-cli -p "$SOURCE_PORT" >/dev/null <<'CMDS'
@@ -73,8 +73,7 @@ XGROUP CREATE sample:stream group 0
 SELECT 1
 SET sample:db1 "in db 1"
 CMDS
-  redis-cli -p "$SOURCE_PORT" DEBUG POPULATE 100000 sample:bulk 100 >/dev/null 2>&1 || \
-    for i in $(seq 1000); do echo "SET sample:bulk:$i value-$i"; done | redis-cli -p "$SOURCE_PORT" >/dev/null
+  redis-cli -p "$SOURCE_PORT" DEBUG POPULATE 100000 sample:bulk 100 >/dev/null
   LOCAL_SOURCE=1
 fi
 if [ -z "$TARGET_URL" ]; then

@@ -28,10 +28,12 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>, env_prefix: &str) -> anyho
         Some(p) => format!("{} and {env_prefix}_* environment variables", p.display()),
         None => format!("{env_prefix}_* environment variables"),
     };
-    let merged = builder
-        .add_source(env)
-        .build()
-        .map_err(|e| anyhow::anyhow!("invalid configuration in {where_}: {}", one_line(&e.to_string())))?;
+    let merged = builder.add_source(env).build().map_err(|e| {
+        anyhow::anyhow!(
+            "invalid configuration in {where_}: {}",
+            one_line(&e.to_string())
+        )
+    })?;
     merged.try_deserialize().map_err(|e| {
         anyhow::anyhow!(
             "invalid configuration in {where_}: {}",

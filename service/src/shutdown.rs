@@ -17,8 +17,12 @@ pub fn signal() -> watch::Receiver<bool> {
                 }
             } => {}
         }
-        tracing::info!("shutdown requested");
+        tracing::info!("shutdown requested (send the signal again to stop at once)");
         let _ = tx.send(true);
+        // A second signal stops the process immediately.
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
     });
     rx
 }

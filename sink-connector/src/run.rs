@@ -272,7 +272,8 @@ pub async fn run(
     // Lag in records, from the partitions' high watermarks.
     let lag_consumer = Arc::clone(&consumer);
     let lag_topic = topic.clone();
-    let lag_task = tokio::task::spawn_blocking(move || loop {
+    // A plain thread: it must not keep the runtime from shutting down.
+    let _lag_thread = std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(5));
         let Ok(assignment) = lag_consumer.assignment() else {
             continue;
@@ -311,7 +312,6 @@ pub async fn run(
     }
     let _ = stop_main.send(true);
     let _ = main.join();
-    lag_task.abort();
     for t in tasks {
         t.abort();
     }

@@ -31,10 +31,14 @@ fn example_loads_and_environment_overrides() {
 
 #[test]
 fn bad_files() {
-    let base = "[redis]\nurl = \"redis://h:1\"\n[kafka]\nbootstrap_servers = \"k:9092\"\ntopic = \"t\"\n";
+    let base =
+        "[redis]\nurl = \"redis://h:1\"\n[kafka]\nbootstrap_servers = \"k:9092\"\ntopic = \"t\"\n";
     let e = error(&format!("{base}[apply]\nflush = \"sometimes\"\n"));
     assert!(e.contains("sometimes") || e.contains("flush"), "{e}");
-    assert!(error(&format!("{base}[apply]\non_error = \"dead-letter\"\n")).contains("dead_letter_topic"));
+    assert!(
+        error(&format!("{base}[apply]\non_error = \"dead-letter\"\n"))
+            .contains("dead_letter_topic")
+    );
     assert!(error(&format!("{base}[redis.db_map]\nx = 1\n")).contains("db_map"));
     assert!(error(&base.replace("redis://h:1", "redis://h:0")).contains("out of range"));
     assert!(error(&format!("{base}[kafka.extra]\n")).contains("extra"));

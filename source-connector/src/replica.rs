@@ -571,21 +571,31 @@ async fn stream(
     };
     // Whatever happened, record what Kafka has acknowledged.
     let final_mark = match &result {
-        Ok(()) => publisher.flush().await.ok().flatten(),
+        // Shutdown: give Kafka a little time to acknowledge what is in flight.
+        Ok(()) => match tokio::time::timeout(Duration::from_secs(10), publisher.flush()).await {
+            Ok(r) => r.ok().flatten(),
+            Err(_) => {
+                tracing::warn!(shard = %shard, "Kafka did not acknowledge the last records within 10 s; they will be republished on restart");
+                *acked.borrow()
+            }
+        },
         Err(_) => *acked.borrow(),
     };
     if let Some(mark) = final_mark {
         if saved != Some(mark) {
-            let _ = save_checkpoint(
-                shared,
-                publisher,
-                Checkpoint {
-                    replid: replid.clone(),
-                    offset: mark.offset,
-                    epoch,
-                    snapshot_done: mark.snapshot_done,
-                    written_ms: 0,
-                },
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                save_checkpoint(
+                    shared,
+                    publisher,
+                    Checkpoint {
+                        replid: replid.clone(),
+                        offset: mark.offset,
+                        epoch,
+                        snapshot_done: mark.snapshot_done,
+                        written_ms: 0,
+                    },
+                ),
             )
             .await;
         }

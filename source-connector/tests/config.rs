@@ -5,7 +5,10 @@ use source_connector::config::Config;
 use std::path::Path;
 
 fn example() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../compose/source.toml"))
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../compose/source.toml"
+    ))
 }
 
 fn write(text: &str) -> tempfile::NamedTempFile {
@@ -28,7 +31,10 @@ fn example_loads_and_environment_overrides() {
     let c = Config::load(Some(example())).unwrap();
     assert_eq!(c.kafka.topic, "redis-repl");
     assert_eq!(c.kafka.partitions, 16);
-    assert_eq!(c.kafka.properties.get("linger.ms").map(String::as_str), Some("5"));
+    assert_eq!(
+        c.kafka.properties.get("linger.ms").map(String::as_str),
+        Some("5")
+    );
 
     std::env::set_var("SOURCE_KAFKA__PARTITIONS", "32");
     std::env::set_var("SOURCE_REDIS__URL", "redis://u:secret@h:7000");
