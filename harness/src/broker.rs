@@ -221,6 +221,38 @@ impl Broker {
         Ok(out)
     }
 
+    /// Produces one raw message (for foreign or corrupt data on a topic) and waits for it.
+    pub fn produce_raw(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> anyhow::Result<()> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{BaseRecord, Producer};
+        let producer: rdkafka::producer::BaseProducer = self.client_config().create()?;
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        producer
+            .send(
+                BaseRecord::to(topic)
+                    .partition(partition)
+                    .key(key)
+                    .payload(payload)
+                    .headers(h),
+            )
+            .map_err(|(e, _)| anyhow::anyhow!("produce to {topic}: {e}"))?;
+        producer.flush(Duration::from_secs(10))?;
+        Ok(())
+    }
+
     pub fn kill9(&mut self) {
         self.process.kill9();
     }

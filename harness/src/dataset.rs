@@ -280,8 +280,39 @@ fn stream_fields_unknown(a: &Stream, b: &Stream) -> bool {
             .any(|(x, y)| x.entries_read.is_none() && y.entries_read.is_some())
 }
 
+/// The first field in which two streams differ.
+fn stream_difference(a: &Stream, b: &Stream) -> Option<String> {
+    macro_rules! field {
+        ($($f:ident),*) => {$(
+            if a.$f != b.$f {
+                return Some(format!("stream {} {:?} != {:?}", stringify!($f), a.$f, b.$f));
+            }
+        )*};
+    }
+    field!(length, last_id, entries_added, max_deleted_id, entries);
+    if a.groups.len() != b.groups.len() {
+        return Some(format!(
+            "stream groups {} != {}",
+            a.groups.len(),
+            b.groups.len()
+        ));
+    }
+    for (x, y) in a.groups.iter().zip(&b.groups) {
+        let name = String::from_utf8_lossy(&x.name);
+        if x != y {
+            return Some(format!("stream group {name}: {x:?} != {y:?}"));
+        }
+    }
+    None
+}
+
 fn describe(a: &Value, b: &Value) -> String {
-    let mut s = format!("{a:?} != {b:?}");
+    let mut s = match (a, b) {
+        (Value::Stream(x), Value::Stream(y)) => {
+            stream_difference(x, y).unwrap_or_else(|| format!("{a:?} != {b:?}"))
+        }
+        _ => format!("{a:?} != {b:?}"),
+    };
     if s.len() > 300 {
         let cut = s.char_indices().nth(300).map_or(s.len(), |c| c.0);
         s.truncate(cut);

@@ -311,6 +311,20 @@ pub fn is_flush(args: &Args) -> bool {
         .is_some_and(|n| n.eq_ignore_ascii_case(b"flushall") || n.eq_ignore_ascii_case(b"flushdb"))
 }
 
+/// For `SWAPDB a b` touching `db`, the db that `db`'s content moves to.
+pub fn swapdb_other(args: &Args, db: u32) -> Option<u32> {
+    if !args.first()?.eq_ignore_ascii_case(b"swapdb") {
+        return None;
+    }
+    let n = |i: usize| -> Option<u32> { std::str::from_utf8(args.get(i)?).ok()?.parse().ok() };
+    let (a, b) = (n(1)?, n(2)?);
+    match (a == db, b == db) {
+        (true, false) => Some(b),
+        (false, true) => Some(a),
+        _ => None,
+    }
+}
+
 /// The RDB version a Redis (or Valkey) version writes, which is the newest it can RESTORE.
 pub fn rdb_version_for(server: &str, version: &str) -> u32 {
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));

@@ -271,6 +271,22 @@ impl Lane {
                 continue;
             }
             let db = self.env.cfg.map_db(record.db);
+            if let Some(n) = self
+                .target
+                .databases
+                .filter(|&n| self.env.cfg.redis.select && db >= n)
+            {
+                self.flush(&mut batch).await?;
+                let what = format!(
+                    "partition {} offset {} position {position}: record for source db {} (target db {db}) but the target has {n} databases; map it with redis.db_map",
+                    self.partition,
+                    message.offset(),
+                    record.db
+                );
+                self.reject(&message, &what).await?;
+                self.checkpoint_only(&shard, position).await?;
+                continue;
+            }
             let dbo = Some(db);
             let ops_of = |args: Vec<Args>| -> Vec<Op> {
                 args.into_iter().map(|args| Op { db: dbo, args }).collect()
@@ -621,7 +637,17 @@ impl Lane {
         let leader = partitions.iter().copied().min().unwrap_or(self.partition);
         let pos_text = Bytes::from(position.to_text());
         let cmds = self.filtered(convert::commands(&self.env.cfg, &barrier.commands));
+        // A flush erases the checkpoint hashes and SWAPDB moves them to another db: such
+        // barriers rewrite every involved hash after the command, in the same transaction.
         let flushes = cmds.iter().any(convert::is_flush);
+        let swapped_to: Vec<u32> = match self.checkpoint_db() {
+            Some(ckpt_db) => cmds
+                .iter()
+                .filter_map(|c| convert::swapdb_other(c, ckpt_db))
+                .collect(),
+            None => Vec::new(),
+        };
+        let rewrites = flushes || !swapped_to.is_empty();
         counter!("sink_barriers_total", "partition" => self.label.clone()).increment(1);
         if self.partition != leader {
             let marker = vec![
@@ -712,7 +738,7 @@ impl Lane {
         for &q in &partitions {
             let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
             let mut fields: Vec<(String, Position)> = Vec::new();
-            if flushes {
+            if rewrites {
                 self.with_checkpoint_db().await?;
                 if let Value::Array(items) = self.query(&[b("HGETALL"), key.clone()]).await? {
                     for c in items.chunks(2) {
@@ -730,6 +756,13 @@ impl Lane {
             }
             fields.retain(|(s, _)| s != shard);
             fields.push((shard.to_owned(), position));
+            for &other in &swapped_to {
+                // The hash that SWAPDB carried away from the checkpoint db.
+                ops.push(Op {
+                    db: Some(other),
+                    args: vec![b("DEL"), key.clone()],
+                });
+            }
             ops.push(self.checkpoint_op(key, &fields));
         }
         match self.apply(ops).await {

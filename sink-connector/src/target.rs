@@ -67,6 +67,8 @@ pub struct Target {
     address: String,
     /// Newest RDB version the target can RESTORE.
     pub restore_max_version: u32,
+    /// The target's `databases` setting, when it lets us read it.
+    pub databases: Option<u32>,
 }
 
 impl std::fmt::Debug for Target {
@@ -117,6 +119,7 @@ impl Target {
             timeout: Duration::from_secs(cfg.redis.timeout_s),
             address: service::config::redact_url(&cfg.redis.url),
             restore_max_version: 0,
+            databases: None,
         })
     }
 
@@ -175,6 +178,14 @@ impl Target {
                 .unwrap_or_default();
             self.restore_max_version = crate::convert::rdb_version_for(&server, &version);
         }
+        let databases: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("databases")
+            .query_async(&mut conn)
+            .await;
+        self.databases = databases
+            .ok()
+            .and_then(|v| v.get(1).and_then(|n| n.parse().ok()));
         self.current_db = self.client.get_connection_info().redis.db.try_into().ok();
         self.conn = Some(conn.clone());
         Ok(conn)
@@ -289,6 +300,21 @@ impl Target {
             });
         };
         self.current_db = db;
+        // A SELECT that failed at run time sent the commands after it to the wrong db: that is
+        // never acceptable, whatever the caller's policy.
+        for (i, v) in results.iter().enumerate() {
+            if result_index.contains(&i) {
+                continue;
+            }
+            if let Some((code, message)) = server_error(v) {
+                return Err(ApplyError::Permanent {
+                    code,
+                    message: format!("SELECT failed inside the transaction: {message}"),
+                    op: result_index.iter().position(|&r| r > i),
+                    applied: true,
+                });
+            }
+        }
         // Runtime errors of single commands (the transaction ran) are left in the results for
         // the caller to judge: see `runtime_error`.
         Ok(result_index

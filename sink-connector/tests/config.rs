@@ -17,6 +17,7 @@ fn error(text: &str) -> String {
 
 #[test]
 fn example_loads_and_environment_overrides() {
+    bad_files();
     let c = Config::load(Some(example())).unwrap();
     assert_eq!(c.kafka.topic, "redis-repl");
     assert_eq!(c.apply.on_error, OnError::Halt);
@@ -29,7 +30,8 @@ fn example_loads_and_environment_overrides() {
     std::env::remove_var("SINK_APPLY__BATCH_RECORDS");
 }
 
-#[test]
+/// Called from the single test below: environment variables are process-wide, so nothing may
+/// run in parallel with the cases that set them.
 fn bad_files() {
     let base =
         "[redis]\nurl = \"redis://h:1\"\n[kafka]\nbootstrap_servers = \"k:9092\"\ntopic = \"t\"\n";

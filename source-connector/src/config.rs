@@ -56,6 +56,9 @@ pub struct KafkaConfig {
     /// Most bytes of records produced but not yet acknowledged before reading from Redis pauses.
     #[serde(default = "default_max_in_flight_bytes")]
     pub max_in_flight_bytes: usize,
+    /// Largest record the topic accepts (Kafka's `max.message.bytes`, 1 MiB by default).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// Passed to librdkafka as is (for example `security.protocol`, `sasl.*`, `linger.ms`).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -113,6 +116,9 @@ fn default_compression() -> String {
 }
 fn default_max_in_flight_bytes() -> usize {
     64 * 1024 * 1024
+}
+fn default_max_message_bytes() -> usize {
+    1_000_000
 }
 fn default_piece_bytes() -> usize {
     proto::chunk::DEFAULT_PIECE_BYTES
@@ -233,6 +239,12 @@ impl Config {
             ),
             "kafka.compression = {:?}: use none, gzip, snappy, lz4 or zstd",
             self.kafka.compression
+        );
+        anyhow::ensure!(
+            self.snapshot.piece_bytes + 64 * 1024 <= self.kafka.max_message_bytes,
+            "snapshot.piece_bytes = {} must stay at least 64 KiB below kafka.max_message_bytes = {}",
+            self.snapshot.piece_bytes,
+            self.kafka.max_message_bytes
         );
         anyhow::ensure!(
             (1024..=64 * 1024 * 1024).contains(&self.snapshot.piece_bytes),

@@ -62,6 +62,8 @@ struct InFlight {
 pub struct PublishError {
     pub topic: String,
     pub error: String,
+    /// Retrying cannot help (a record larger than the topic accepts).
+    pub fatal: bool,
 }
 
 pub struct Publisher {
@@ -74,6 +76,7 @@ pub struct Publisher {
     acked: watch::Receiver<Option<Mark>>,
     failed: watch::Receiver<Option<String>>,
     published: Option<Mark>,
+    max_message_bytes: usize,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -99,6 +102,7 @@ impl Publisher {
         topic: String,
         shard: String,
         max_in_flight: usize,
+        max_message_bytes: usize,
     ) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let (acked_tx, acked) = watch::channel(None);
@@ -114,6 +118,7 @@ impl Publisher {
             acked,
             failed,
             published: None,
+            max_message_bytes,
         }
     }
 
@@ -134,6 +139,22 @@ impl Publisher {
             return Err(self.error(error));
         }
         let payload = topic::encode(&out.record);
+        if payload.len() > self.max_message_bytes {
+            let position = out.record.position.unwrap_or_default();
+            counter!("source_oversized_records_total", "shard" => self.shard.clone()).increment(1);
+            return Err(PublishError {
+                topic: self.topic.clone(),
+                error: format!(
+                    "the record at position {}:{}:{} is {} bytes, above kafka.max_message_bytes = {} (a single command this big cannot be split); raise the topic's max.message.bytes and kafka.max_message_bytes",
+                    position.epoch,
+                    position.offset,
+                    position.sequence,
+                    payload.len(),
+                    self.max_message_bytes
+                ),
+                fatal: true,
+            });
+        }
         let cost = (payload.len() * out.partitions.len()).clamp(1, self.max_in_flight);
         let permit = match Arc::clone(&self.budget).try_acquire_many_owned(cost as u32) {
             Ok(p) => p,
@@ -253,6 +274,7 @@ impl Publisher {
         PublishError {
             topic: self.topic.clone(),
             error,
+            fatal: false,
         }
     }
 

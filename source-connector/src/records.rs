@@ -338,10 +338,14 @@ impl Builder {
         self.safe_offset = offset;
         let db = self.db;
         let mut out = match commands::route(&cmd.args) {
-            Route::Slot(slot) => {
-                let p = Position::new(self.epoch, offset, 0);
-                vec![self.to_slot(p, db, slot, command_body(cmd.args))]
-            }
+            Route::Slot(slot) => split_big(cmd.args, self.piece_bytes)
+                .into_iter()
+                .enumerate()
+                .map(|(i, args)| {
+                    let p = Position::new(self.epoch, offset, i as u64);
+                    self.to_slot(p, db, slot, command_body(args))
+                })
+                .collect(),
             Route::Split(pieces) => pieces
                 .into_iter()
                 .enumerate()
@@ -471,6 +475,74 @@ impl Builder {
             }),
         ))
     }
+}
+
+/// Splits a command bigger than `limit` bytes into several commands with the same effect when
+/// applied in order: variadic writes by their elements (`HSET`, `SADD`, `RPUSH`, `ZADD`, `DEL`,
+/// `MSET`, ...), and `SET key value` into `SET` plus `APPEND`s. Anything else stays whole (the
+/// publisher refuses it with a clear error if it exceeds the topic's message size).
+pub fn split_big(args: Vec<Bytes>, limit: usize) -> Vec<Vec<Bytes>> {
+    let size: usize = args.iter().map(|a| a.len() + 16).sum();
+    if size <= limit || args.len() < 3 {
+        return vec![args];
+    }
+    let name = args[0].to_ascii_lowercase();
+    // (arguments kept in every piece, size of one element group)
+    let (fixed, group) = match name.as_slice() {
+        b"hset" | b"hmset" => (2, 2),
+        b"sadd" | b"srem" | b"rpush" | b"lpush" | b"rpushx" | b"lpushx" | b"hdel" | b"zrem"
+        | b"pfadd" => (2, 1),
+        b"del" | b"unlink" | b"touch" => (1, 1),
+        b"mset" => (1, 2),
+        b"zadd" => {
+            // Flags (NX, XX, GT, LT, CH) come before the score/member pairs; INCR takes one pair.
+            let mut f = 2;
+            while f < args.len()
+                && matches!(
+                    args[f].to_ascii_lowercase().as_slice(),
+                    b"nx" | b"xx" | b"gt" | b"lt" | b"ch"
+                )
+            {
+                f += 1;
+            }
+            (f, 2)
+        }
+        b"set" if args.len() == 3 => {
+            let value = &args[2];
+            let piece = limit.max(1024);
+            let mut out = Vec::new();
+            for (i, start) in (0..value.len()).step_by(piece).enumerate() {
+                let part = value.slice(start..(start + piece).min(value.len()));
+                let verb = if i == 0 { "SET" } else { "APPEND" };
+                out.push(vec![
+                    Bytes::from_static(verb.as_bytes()),
+                    args[1].clone(),
+                    part,
+                ]);
+            }
+            return out;
+        }
+        _ => return vec![args],
+    };
+    if !(args.len() - fixed).is_multiple_of(group) {
+        return vec![args];
+    }
+    let head: Vec<Bytes> = args[..fixed].to_vec();
+    let head_size: usize = head.iter().map(|a| a.len() + 16).sum();
+    let mut out = Vec::new();
+    let mut current = head.clone();
+    let mut current_size = head_size;
+    for g in args[fixed..].chunks(group) {
+        let g_size: usize = g.iter().map(|a| a.len() + 16).sum();
+        if current.len() > fixed && current_size + g_size > limit {
+            out.push(std::mem::replace(&mut current, head.clone()));
+            current_size = head_size;
+        }
+        current.extend(g.iter().cloned());
+        current_size += g_size;
+    }
+    out.push(current);
+    out
 }
 
 fn command(args: Vec<Bytes>) -> v1::Command {
@@ -637,5 +709,60 @@ fn stream_id(id: rdb::StreamId) -> v1::StreamId {
     v1::StreamId {
         ms: id.ms,
         seq: id.seq,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<Bytes> {
+        words
+            .iter()
+            .map(|w| Bytes::copy_from_slice(w.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn big_commands_split_with_the_same_effect() {
+        let small = args(&["HSET", "h", "f", "v"]);
+        assert_eq!(split_big(small.clone(), 1000), vec![small]);
+        let mut hset = args(&["HSET", "h"]);
+        for i in 0..100 {
+            hset.push(Bytes::from(format!("field-{i}")));
+            hset.push(Bytes::from(format!("value-{i}")));
+        }
+        let pieces = split_big(hset.clone(), 300);
+        assert!(pieces.len() > 5);
+        let mut joined = args(&["HSET", "h"]);
+        for p in &pieces {
+            assert_eq!(&p[..2], &hset[..2]);
+            assert_eq!((p.len() - 2) % 2, 0);
+            assert!(p.iter().map(|a| a.len() + 16).sum::<usize>() <= 300 + 64);
+            joined.extend(p[2..].iter().cloned());
+        }
+        assert_eq!(joined, hset);
+        let zadd = args(&["ZADD", "z", "NX", "CH", "1", "a", "2", "b", "3", "c"]);
+        let pieces = split_big(zadd, 80);
+        assert!(pieces.iter().all(|p| p[2] == "NX" && p[3] == "CH"));
+        let set = vec![
+            Bytes::from("SET"),
+            Bytes::from("k"),
+            Bytes::from(vec![b'x'; 5000]),
+        ];
+        let pieces = split_big(set, 2048);
+        assert_eq!(pieces.len(), 3);
+        assert_eq!(pieces[0][0], "SET");
+        assert_eq!(pieces[1][0], "APPEND");
+        assert_eq!(pieces.iter().map(|p| p[2].len()).sum::<usize>(), 5000);
+        // SET with options is not split.
+        let set_px = vec![
+            Bytes::from("SET"),
+            Bytes::from("k"),
+            Bytes::from(vec![b'x'; 5000]),
+            Bytes::from("PX"),
+            Bytes::from("10"),
+        ];
+        assert_eq!(split_big(set_px, 2048).len(), 1);
     }
 }

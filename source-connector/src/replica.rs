@@ -31,7 +31,11 @@ pub enum LinkError {
 
 impl From<PublishError> for LinkError {
     fn from(e: PublishError) -> Self {
-        LinkError::Transient(e.to_string())
+        if e.fatal {
+            LinkError::Fatal(e.to_string())
+        } else {
+            LinkError::Transient(e.to_string())
+        }
     }
 }
 

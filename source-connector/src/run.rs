@@ -126,7 +126,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             tracing::info!(shard = %shard, "no checkpoint in {checkpoint_topic}: starting with a full sync")
         }
     }
-    let producer = publish::producer(&config.kafka)?;
+    // Fail early on bad Kafka settings; each session then gets a fresh producer, so a producer
+    // that hit a fatal error (an idempotence failure after a broker lost state) is not reused.
+    drop(publish::producer(&config.kafka)?);
     let mut shared = Shared {
         config: config.clone(),
         shard: shard.clone(),
@@ -137,11 +139,13 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     let max_backoff = Duration::from_secs(config.redis.max_backoff_s.max(1));
     let mut backoff = Duration::from_millis(250);
     loop {
+        let producer = publish::producer(&config.kafka)?;
         let mut publisher = Publisher::new(
             producer.clone(),
             config.kafka.topic.clone(),
             shard.clone(),
             config.kafka.max_in_flight_bytes,
+            config.kafka.max_message_bytes,
         );
         let started = std::time::Instant::now();
         let result = replica::session(&mut shared, &mut publisher, &mut shutdown).await;

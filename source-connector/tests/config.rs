@@ -25,9 +25,9 @@ fn error(text: &str) -> String {
     msg
 }
 
-// Environment variables are process-wide: every case that sets one runs in this single test.
 #[test]
 fn example_loads_and_environment_overrides() {
+    bad_files();
     let c = Config::load(Some(example())).unwrap();
     assert_eq!(c.kafka.topic, "redis-repl");
     assert_eq!(c.kafka.partitions, 16);
@@ -54,7 +54,8 @@ fn example_loads_and_environment_overrides() {
     std::env::remove_var("SOURCE_REDIS__URL");
 }
 
-#[test]
+/// Called from the single test below: environment variables are process-wide, so nothing may
+/// run in parallel with the cases that set them.
 fn bad_files() {
     let base = "[redis]\nurl = \"redis://h:1\"\n[kafka]\nbootstrap_servers = \"k:9092\"\ntopic = \"t\"\npartitions = 4\n";
     assert!(error(&format!("{base}bogus = 1\n")).contains("bogus"));

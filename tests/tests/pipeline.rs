@@ -275,3 +275,212 @@ fn sink_kill9_applies_everything_exactly_once() {
         "no replay happened: the test did not exercise deduplication"
     );
 }
+
+fn record_bytes(db: u32, key: &str, offset: u64) -> (u32, Vec<u8>) {
+    use proto::v1;
+    let slot = proto::key_slot(key.as_bytes());
+    let record = v1::Record {
+        schema_version: proto::SCHEMA_VERSION,
+        source_shard: "source".into(),
+        position: Some(proto::Position::new(1, offset, 0).into()),
+        capture_time_ms: 0,
+        db,
+        slot: Some(u32::from(slot.get())),
+        body: Some(v1::record::Body::Command(v1::Command {
+            args: vec!["SET".into(), key.to_owned().into(), "x".into()],
+        })),
+    };
+    (
+        proto::topic::partition_for_slot(slot, 4).0,
+        proto::topic::encode(&record),
+    )
+}
+
+/// Foreign bytes and a record for a db the target does not have: the lane halts with a clear
+/// error (log, metric, /health), and the other lanes keep going.
+#[test]
+fn bad_records_halt_their_lane_only() {
+    let p = Pipeline::start(Options::default()).unwrap();
+    exec(&mut p.source.conn(), &[b"SET", b"ready", b"1"]);
+    harness::wait_for("the pipeline to run", Duration::from_secs(60), || {
+        p.target
+            .cmd::<Option<String>>(&["GET", "ready"])
+            .ok()
+            .flatten()
+    })
+    .unwrap();
+    // Garbage without a content type on partition 0.
+    p.broker
+        .produce_raw(&p.topic, 0, b"junk", b"\x00\x01 not a record", &[])
+        .unwrap();
+    // A well-formed record for db 99 on another partition (Redis has 16 dbs).
+    let (partition, bytes) = record_bytes(99, "in-db-99", u64::MAX / 2);
+    assert_ne!(partition, 0);
+    p.broker
+        .produce_raw(
+            &p.topic,
+            partition as i32,
+            b"00000",
+            &bytes,
+            &[(
+                proto::topic::HEADER_CONTENT_TYPE,
+                proto::topic::CONTENT_TYPE.as_bytes(),
+            )],
+        )
+        .unwrap();
+    for part in ["0", &partition.to_string()] {
+        harness::wait_for("the lane to halt", Duration::from_secs(30), || {
+            let halted = p.sink.metric("sink_lane_halted", &[("partition", part)])?;
+            (halted == 1.0).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
+    }
+    let (status, body) = p.sink.http_get("/health").unwrap();
+    assert_eq!(status, 503, "{body}");
+    let log = p.sink.log();
+    assert!(
+        log.contains("partition 0 offset") && log.contains("not a record this sink can read"),
+        "{log}"
+    );
+    assert!(
+        log.contains("record for source db 99 (target db 99) but the target has 16 databases"),
+        "{log}"
+    );
+    // Nothing was written to another db instead.
+    assert_eq!(
+        p.target
+            .cmd::<Option<String>>(&["GET", "in-db-99"])
+            .unwrap(),
+        None
+    );
+    // Lanes not involved keep applying.
+    let free: Vec<u32> = (0..4).filter(|q| *q != 0 && *q != partition).collect();
+    let key = (0..)
+        .map(|i| format!("still-flowing-{i}"))
+        .find(|k| {
+            free.contains(&proto::topic::partition_for_slot(proto::key_slot(k.as_bytes()), 4).0)
+        })
+        .unwrap();
+    exec(&mut p.source.conn(), &[b"SET", key.as_bytes(), b"yes"]);
+    harness::wait_for(
+        "other lanes to keep applying",
+        Duration::from_secs(30),
+        || {
+            p.target
+                .cmd::<Option<String>>(&["GET", &key])
+                .ok()
+                .flatten()
+        },
+    )
+    .unwrap();
+}
+
+/// With `on_error = "dead-letter"`, bad messages go to the dead-letter topic and the lane
+/// continues: everything else still arrives.
+#[test]
+fn dead_letter_policy_keeps_the_lane_going() {
+    let dlq = harness::broker::random_topic("dlq");
+    let p = Pipeline::start(Options {
+        sink_apply: format!("on_error = \"dead-letter\"\ndead_letter_topic = \"{dlq}\""),
+        ..Options::default()
+    })
+    .unwrap();
+    p.broker.create_topic(&dlq, 1).unwrap();
+    exec(&mut p.source.conn(), &[b"SET", b"ready", b"1"]);
+    harness::wait_for("the pipeline to run", Duration::from_secs(60), || {
+        p.target
+            .cmd::<Option<String>>(&["GET", "ready"])
+            .ok()
+            .flatten()
+    })
+    .unwrap();
+    for partition in 0..4 {
+        p.broker
+            .produce_raw(&p.topic, partition, b"junk", b"garbage", &[])
+            .unwrap();
+    }
+    // A newer schema version than this sink reads.
+    p.broker
+        .produce_raw(
+            &p.topic,
+            1,
+            b"*",
+            b"\x08\x02",
+            &[
+                (
+                    proto::topic::HEADER_CONTENT_TYPE,
+                    proto::topic::CONTENT_TYPE.as_bytes(),
+                ),
+                (proto::topic::HEADER_SCHEMA_VERSION, b"99"),
+            ],
+        )
+        .unwrap();
+    load_sample(&mut p.source.conn());
+    live_writes(&mut p.source.conn());
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+    harness::wait_for("5 dead-lettered messages", Duration::from_secs(30), || {
+        let n = p.broker.read_records(&dlq).ok()?.len();
+        (n == 5).then_some(())
+    })
+    .unwrap();
+    assert_eq!(p.sink.metric("sink_dead_lettered_total", &[]), Some(5.0));
+    assert_eq!(p.sink.http_get("/health").unwrap().0, 200);
+}
+
+/// FLUSHALL, SWAPDB and cross-slot RENAME/SMOVE with 16 partitions and two sink processes in
+/// the group: barriers are coordinated across processes through the target.
+#[test]
+fn barriers_across_two_sink_processes() {
+    let p = Pipeline::start(Options {
+        partitions: 16,
+        ..Options::default()
+    })
+    .unwrap();
+    let second = p.extra_sink().unwrap();
+    harness::wait_for(
+        "both sinks to own partitions",
+        Duration::from_secs(60),
+        || {
+            let a = p.sink.metric("sink_assigned_partitions", &[])?;
+            let b = second.metric("sink_assigned_partitions", &[])?;
+            (a > 0.0 && b > 0.0 && a + b == 16.0).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", p.sink.log(), second.log()));
+    let mut conn = p.source.conn();
+    for i in 0..200 {
+        exec(&mut conn, &[b"SET", format!("k{i}").as_bytes(), b"v"]);
+        exec(
+            &mut conn,
+            &[
+                b"SADD",
+                format!("s{}", i % 7).as_bytes(),
+                format!("{i}").as_bytes(),
+            ],
+        );
+    }
+    exec(&mut conn, &[b"RENAME", b"k1", b"k1-renamed"]);
+    exec(&mut conn, &[b"SMOVE", b"s1", b"s2", b"8"]);
+    exec(&mut conn, &[b"FLUSHALL"]);
+    for i in 0..100 {
+        exec(&mut conn, &[b"INCR", format!("after-flush-{i}").as_bytes()]);
+    }
+    exec(&mut conn, &[b"SELECT", b"1"]);
+    exec(&mut conn, &[b"SET", b"in-db1", b"1"]);
+    exec(&mut conn, &[b"SELECT", b"0"]);
+    exec(&mut conn, &[b"SWAPDB", b"0", b"1"]);
+    for i in 0..100 {
+        exec(&mut conn, &[b"INCR", format!("after-swap-{i}").as_bytes()]);
+    }
+    exec(
+        &mut conn,
+        &[b"RENAME", b"after-swap-1", b"after-swap-1-renamed"],
+    );
+    p.wait_equal(Duration::from_secs(90)).unwrap();
+    let barriers = p.sink.metric("sink_barriers_total", &[]).unwrap_or(0.0)
+        + second.metric("sink_barriers_total", &[]).unwrap_or(0.0);
+    assert!(
+        barriers >= 16.0,
+        "every partition saw the broadcast barriers: {barriers}"
+    );
+}
