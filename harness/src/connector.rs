@@ -24,7 +24,7 @@ impl Kind {
 }
 
 /// Path of a connector binary: `$SOURCE_CONNECTOR_BIN`/`$SINK_CONNECTOR_BIN`, else next to the
-/// running test executable's `deps` directory (`target/<profile>/`).
+/// running test or example executable's directory (`target/<profile>/`).
 pub fn binary(kind: Kind) -> PathBuf {
     let var = match kind {
         Kind::Source => "SOURCE_CONNECTOR_BIN",
@@ -35,7 +35,8 @@ pub fn binary(kind: Kind) -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();
-    if dir.ends_with("deps") {
+    // Tests run from target/<profile>/deps, examples from target/<profile>/examples.
+    if dir.ends_with("deps") || dir.ends_with("examples") {
         dir.pop();
     }
     dir.join(kind.binary())

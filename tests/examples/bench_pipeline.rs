@@ -1,0 +1,227 @@
+//! Pipeline benchmarks, each side by side with a reference measured in the same run:
+//!
+//! 1. snapshot: a native `redis-server` replica's full sync of the same dataset, versus the
+//!    source connector's time from PSYNC to every snapshot record acknowledged by the broker;
+//! 2. apply: `redis-benchmark -t set -P 64` straight against a target, versus the sink applying
+//!    the same SETs from the topic (source → source-connector → broker → sink-connector → target).
+//!
+//! Run: `cargo run --release -p tests --example bench_pipeline -- [KEYS] [SETS]`
+//! (scripts/bench-pipeline.sh builds the connectors in release mode first).
+
+use harness::broker::{random_topic, Broker, Storage};
+use harness::connector::{Connector, Kind};
+use harness::pipeline::{sink_config, source_config, Options};
+use harness::redis::{RedisConfig, RedisServer};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn rss_mb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+fn info_u64(r: &RedisServer, section: &str, field: &str) -> u64 {
+    r.info_field(section, field)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let keys: u64 = args
+        .get(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let sets: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(500_000);
+    println!(
+        "machine: {} cores, redis-server {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        String::from_utf8_lossy(
+            &Command::new(harness::redis::server_bin())
+                .arg("--version")
+                .output()?
+                .stdout
+        )
+        .trim()
+    );
+
+    // ---- 1. snapshot ----
+    let source = RedisServer::start(RedisConfig::default().with("enable-debug-command", "yes"))?;
+    source.cmd::<()>(&["DEBUG", "POPULATE", &keys.to_string(), "key", "100"])?;
+    let used = source
+        .info_field("memory", "used_memory_human")
+        .unwrap_or_default();
+    println!("\nsnapshot: {keys} keys of 100 bytes (source used_memory {used})");
+
+    let started = Instant::now();
+    let replica = RedisServer::start(
+        RedisConfig::default().with("replicaof", &format!("127.0.0.1 {}", source.port())),
+    )?;
+    harness::wait_for(
+        "the native replica to sync",
+        Duration::from_secs(600),
+        || {
+            (replica
+                .info_field("replication", "master_link_status")
+                .as_deref()
+                == Some("up")
+                && info_u64(&replica, "replication", "master_sync_in_progress") == 0)
+                .then_some(())
+        },
+    )?;
+    let native = started.elapsed();
+    println!(
+        "  native replica full sync:            {:>8.2} s",
+        native.as_secs_f64()
+    );
+    drop(replica);
+
+    let broker = Broker::start(Storage::Memory)?;
+    let topic = random_topic("bench");
+    let options = Options::default();
+    let started = Instant::now();
+    let mut connector = Connector::start(
+        Kind::Source,
+        &source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )?;
+    let pid = connector.process().pid().unwrap_or(0);
+    let mut max_rss = 0;
+    harness::wait_for(
+        "the snapshot to be acknowledged",
+        Duration::from_secs(1200),
+        || {
+            max_rss = max_rss.max(rss_mb(pid));
+            let done = connector.metric("source_snapshot_progress_ratio", &[])? >= 1.0;
+            let ckpt = connector.metric("source_checkpoints_total", &[])? >= 2.0;
+            (done && ckpt).then_some(())
+        },
+    )?;
+    let ours = started.elapsed();
+    println!(
+        "  source-connector to all acknowledged: {:>8.2} s  (ratio {:.2}, max RSS {max_rss} MB)",
+        ours.as_secs_f64(),
+        ours.as_secs_f64() / native.as_secs_f64()
+    );
+    connector.stop();
+    drop(connector);
+    drop(broker);
+    drop(source);
+
+    // ---- 2. apply ----
+    println!("\napply: {sets} SETs, 100k distinct keys, 3-byte values");
+    let target = RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction"))?;
+    let bench = |port: u16| -> anyhow::Result<f64> {
+        let out = Command::new("redis-benchmark")
+            .args([
+                "-p",
+                &port.to_string(),
+                "-t",
+                "set",
+                "-n",
+                &sets.to_string(),
+                "-P",
+                "64",
+                "-r",
+                "100000",
+                "-q",
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let rps = text
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .find(|w| w[1] == "requests")
+            .and_then(|w| w[0].parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("cannot read redis-benchmark output: {text}"))?;
+        Ok(rps)
+    };
+    let reference = bench(target.port())?;
+    println!("  redis-benchmark -P 64 on the target:  {reference:>10.0} SET/s");
+    target.cmd::<()>(&["FLUSHALL"])?;
+
+    let source = RedisServer::start(RedisConfig::default())?;
+    let broker = Broker::start(Storage::Memory)?;
+    let topic = random_topic("bench");
+    let source_connector = Connector::start(
+        Kind::Source,
+        &source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )?;
+    let mut sink = Connector::start(
+        Kind::Sink,
+        &sink_config(&target.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )?;
+    // Wait until the sink is applying (snapshot markers applied).
+    source.cmd::<()>(&["SET", "ready", "1"])?;
+    harness::wait_for("the pipeline to run", Duration::from_secs(60), || {
+        target
+            .cmd::<Option<String>>(&["GET", "ready"])
+            .ok()
+            .flatten()
+    })?;
+    let before = sink
+        .metric("sink_commands_applied_total", &[])
+        .unwrap_or(0.0);
+    let sink_pid = sink.process().pid().unwrap_or(0);
+    let started = Instant::now();
+    let source_rps = bench(source.port())?;
+    let mut max_sink_rss = 0;
+    harness::wait_for(
+        "the sink to apply every SET",
+        Duration::from_secs(600),
+        || {
+            max_sink_rss = max_sink_rss.max(rss_mb(sink_pid));
+            let applied = sink.metric("sink_commands_applied_total", &[])? - before;
+            (applied >= sets as f64).then_some(())
+        },
+    )?;
+    let elapsed = started.elapsed();
+    let ours = sets as f64 / elapsed.as_secs_f64();
+    let p99 = sink
+        .http_get("/metrics")
+        .map(|(_, body)| quantile_bucket(&body, "sink_end_to_end_seconds", 0.99))
+        .unwrap_or_default();
+    println!("  (source written at {source_rps:.0} SET/s by the same redis-benchmark)");
+    println!(
+        "  through the pipeline, applied:       {ours:>10.0} SET/s  (ratio {:.2}; {:.2} s for all; sink max RSS {max_sink_rss} MB; end-to-end p99 <= {p99})",
+        ours / reference,
+        elapsed.as_secs_f64()
+    );
+    drop(source_connector);
+    Ok(())
+}
+
+/// The upper bound of the histogram bucket holding quantile `q`.
+fn quantile_bucket(body: &str, name: &str, q: f64) -> String {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) {
+            let le = rest.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+            let v = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            if let (Some(le), Some(v)) = (le, v) {
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(0.0)
+                };
+                buckets.push((le, v));
+            }
+        }
+    }
+    let total = buckets.iter().map(|b| b.1).fold(0.0, f64::max);
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(le, _)| format!("{le} s"))
+        .unwrap_or_else(|| "n/a".into())
+}
