@@ -299,9 +299,14 @@ fn stream_difference(a: &Stream, b: &Stream) -> Option<String> {
     }
     for (x, y) in a.groups.iter().zip(&b.groups) {
         let name = String::from_utf8_lossy(&x.name);
-        if x != y {
-            return Some(format!("stream group {name}: {x:?} != {y:?}"));
+        macro_rules! group_field {
+            ($($f:ident),*) => {$(
+                if x.$f != y.$f {
+                    return Some(format!("stream group {name} {}: {:?} != {:?}", stringify!($f), x.$f, y.$f));
+                }
+            )*};
         }
+        group_field!(last_delivered_id, entries_read, pel, consumers);
     }
     None
 }

@@ -112,6 +112,10 @@ pub struct ApplyConfig {
     /// Most elements per command when a value is rebuilt with type commands.
     #[serde(default = "default_rebuild_elements")]
     pub rebuild_elements: usize,
+    /// An expiry that is already past when applied is moved this far into the future instead of
+    /// deleting the key at once (the source's DEL follows when the key really expired).
+    #[serde(default = "default_expired_grace_ms")]
+    pub expired_grace_ms: u64,
 }
 
 impl Default for ApplyConfig {
@@ -125,6 +129,7 @@ impl Default for ApplyConfig {
             dead_letter_topic: None,
             max_backoff_ms: default_max_backoff_ms(),
             rebuild_elements: default_rebuild_elements(),
+            expired_grace_ms: default_expired_grace_ms(),
         }
     }
 }
@@ -176,6 +181,9 @@ fn default_max_backoff_ms() -> u64 {
 }
 fn default_rebuild_elements() -> usize {
     1000
+}
+fn default_expired_grace_ms() -> u64 {
+    300_000
 }
 fn default_metrics_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9102))

@@ -109,9 +109,22 @@ pub fn rebuild(
             }
             if let Some(last_id) = &s.last_id {
                 if first && s.entries.is_empty() {
-                    // An empty stream: create it, then empty it.
-                    out.push(vec![b("XADD"), key.clone(), b("0-1"), b("x"), b("x")]);
-                    out.push(vec![b("XDEL"), key.clone(), b("0-1")]);
+                    // An empty stream: a group created with MKSTREAM, then dropped, leaves one
+                    // with no entries, no deleted ids and last id 0-0.
+                    out.push(vec![
+                        b("XGROUP"),
+                        b("CREATE"),
+                        key.clone(),
+                        b("redis-repl-tmp"),
+                        b("$"),
+                        b("MKSTREAM"),
+                    ]);
+                    out.push(vec![
+                        b("XGROUP"),
+                        b("DESTROY"),
+                        key.clone(),
+                        b("redis-repl-tmp"),
+                    ]);
                 }
                 let mut a = vec![b("XSETID"), key.clone(), id(Some(last_id))];
                 if let Some(n) = s.entries_added {
@@ -288,12 +301,14 @@ pub fn key_chunk(cfg: &Config, chunk: &v1::KeyChunk) -> Vec<Args> {
     )
 }
 
-/// Captured commands, with the operator's renames applied.
+/// Captured commands, with the operator's renames applied and past expiries deferred.
 pub fn commands(cfg: &Config, commands: &[v1::Command]) -> Vec<Args> {
+    let now = service::now_ms();
+    let grace = cfg.apply.expired_grace_ms as i64;
     commands
         .iter()
         .map(|c| {
-            let mut args = c.args.clone();
+            let mut args = defer_past_expiry(c.args.clone(), now, grace);
             if let Some(name) = args.first() {
                 let upper = String::from_utf8_lossy(name).to_ascii_uppercase();
                 if let Some(renamed) = cfg.redis.rename_commands.get(&upper) {
@@ -303,6 +318,101 @@ pub fn commands(cfg: &Config, commands: &[v1::Command]) -> Vec<Args> {
             args
         })
         .collect()
+}
+
+/// Redis (7.0+) propagates expiries as absolute times. Applied late (the sink lagging, or a
+/// replay), a time already past would make the target delete the key at once, although the
+/// source may still `PERSIST` or overwrite it a few commands later; a Redis replica never
+/// expires keys itself for that reason, it waits for the master's `DEL`. The sink does the same
+/// within a grace period: a past expiry becomes "now + grace", and the source's own `DEL` (which
+/// Redis propagates when the key really expires) removes the key.
+pub fn defer_past_expiry(mut args: Args, now_ms: i64, grace_ms: i64) -> Args {
+    let Some(name) = args.first().map(|n| n.to_ascii_lowercase()) else {
+        return args;
+    };
+    let num = |a: &Bytes| -> Option<i64> { std::str::from_utf8(a).ok()?.parse().ok() };
+    let deferred = Bytes::from((now_ms + grace_ms).to_string());
+    match name.as_slice() {
+        b"pexpireat" | b"hpexpireat" if args.len() >= 3 => {
+            if num(&args[2]).is_some_and(|t| t <= now_ms) {
+                args[2] = deferred;
+            }
+        }
+        b"expireat" | b"hexpireat" if args.len() >= 3 => {
+            if num(&args[2]).is_some_and(|t| t.saturating_mul(1000) <= now_ms) {
+                args[0] = Bytes::from(if name == b"expireat" {
+                    "PEXPIREAT"
+                } else {
+                    "HPEXPIREAT"
+                });
+                args[2] = deferred;
+            }
+        }
+        b"set" | b"getex" => {
+            let start = if name == b"set" { 3 } else { 2 };
+            for i in start..args.len().saturating_sub(1) {
+                let opt = args[i].to_ascii_lowercase();
+                let past = match opt.as_slice() {
+                    b"pxat" => num(&args[i + 1]).is_some_and(|t| t <= now_ms),
+                    b"exat" => num(&args[i + 1]).is_some_and(|t| t.saturating_mul(1000) <= now_ms),
+                    _ => false,
+                };
+                if past {
+                    args[i] = Bytes::from_static(b"PXAT");
+                    args[i + 1] = deferred.clone();
+                }
+            }
+        }
+        _ => {}
+    }
+    args
+}
+
+/// A `RESTORE` from the command stream whose payload the target cannot read, rebuilt with type
+/// commands (`None` when the target can take it as is).
+pub fn restore_fallback(
+    cfg: &Config,
+    args: &Args,
+    restore_max_version: u32,
+) -> Option<Result<Vec<Args>, String>> {
+    let name = args.first()?.to_ascii_lowercase();
+    if !(name == b"restore" || name == b"restore-asking") || args.len() < 4 {
+        return None;
+    }
+    let p = &args[3];
+    if p.len() < 11 {
+        return None;
+    }
+    let version = u32::from(u16::from_le_bytes([p[p.len() - 10], p[p.len() - 9]]));
+    if version <= restore_max_version {
+        return None;
+    }
+    let key = args[1].clone();
+    let ttl: i64 = std::str::from_utf8(&args[2]).ok()?.parse().ok()?;
+    let absolute = args[4..].iter().any(|a| a.eq_ignore_ascii_case(b"absttl"));
+    let expire_at = match (ttl, absolute) {
+        (0, _) => None,
+        (t, true) => Some(t),
+        (t, false) => Some(service::now_ms() + t),
+    };
+    let payload = v1::DumpPayload {
+        payload: p.clone(),
+        rdb_version: version,
+        module_id: 0,
+    };
+    Some(undump(&key, &payload).map(|kind| {
+        let value = v1::Value {
+            kind: Some(kind.unwrap_or(Kind::String(Bytes::new()))),
+        };
+        rebuild(
+            &key,
+            Some(&value),
+            true,
+            expire_at,
+            true,
+            cfg.apply.rebuild_elements,
+        )
+    }))
 }
 
 /// True for `FLUSHALL`/`FLUSHDB`.
@@ -347,6 +457,36 @@ pub fn rdb_version_for(server: &str, version: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn past_expiries_are_deferred() {
+        let a = |w: &[&str]| -> Args { w.iter().map(|x| b(x)).collect() };
+        let now = 1_000_000;
+        assert_eq!(
+            defer_past_expiry(a(&["PEXPIREAT", "k", "999999"]), now, 10),
+            a(&["PEXPIREAT", "k", "1000010"])
+        );
+        assert_eq!(
+            defer_past_expiry(a(&["PEXPIREAT", "k", "2000000", "NX"]), now, 10),
+            a(&["PEXPIREAT", "k", "2000000", "NX"])
+        );
+        assert_eq!(
+            defer_past_expiry(a(&["EXPIREAT", "k", "999"]), now, 10),
+            a(&["PEXPIREAT", "k", "1000010"])
+        );
+        assert_eq!(
+            defer_past_expiry(a(&["SET", "k", "v", "PXAT", "5", "KEEPTTL"]), now, 10),
+            a(&["SET", "k", "v", "PXAT", "1000010", "KEEPTTL"])
+        );
+        assert_eq!(
+            defer_past_expiry(a(&["SET", "k", "v", "EXAT", "5000"]), now, 10),
+            a(&["SET", "k", "v", "EXAT", "5000"])
+        );
+        assert_eq!(
+            defer_past_expiry(a(&["INCR", "k"]), now, 10),
+            a(&["INCR", "k"])
+        );
+    }
 
     #[test]
     fn versions() {

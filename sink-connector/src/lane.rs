@@ -310,8 +310,15 @@ impl Lane {
                     Vec::new()
                 }
                 Body::SnapshotEnd(e) => {
-                    tracing::info!(partition = self.partition, shard = %shard, "snapshot of epoch {} ends ({} keys in all partitions)", position.epoch, e.keys);
-                    Vec::new()
+                    tracing::info!(partition = self.partition, shard = %shard, "snapshot of epoch {} ends ({} keys in all partitions, {} function libraries)", position.epoch, e.keys, e.functions.len());
+                    // Every lane loads the snapshot's libraries (REPLACE makes it idempotent),
+                    // so a later FUNCTION barrier finds them whichever lane leads it.
+                    ops_of(
+                        e.functions
+                            .iter()
+                            .map(|f| vec![b("FUNCTION"), b("LOAD"), b("REPLACE"), f.code.clone()])
+                            .collect(),
+                    )
                 }
                 Body::KeyEntry(entry) => {
                     counter!("sink_snapshot_keys_total", "partition" => self.label.clone())
@@ -333,12 +340,12 @@ impl Lane {
                     }
                 }
                 Body::KeyChunk(chunk) => ops_of(convert::key_chunk(&self.env.cfg, &chunk)),
-                Body::Command(c) => ops_of(
+                Body::Command(c) => ops_of(self.restorable(
                     self.filtered(convert::commands(&self.env.cfg, std::slice::from_ref(&c))),
+                )),
+                Body::Transaction(t) => ops_of(
+                    self.restorable(self.filtered(convert::commands(&self.env.cfg, &t.commands))),
                 ),
-                Body::Transaction(t) => {
-                    ops_of(self.filtered(convert::commands(&self.env.cfg, &t.commands)))
-                }
                 Body::Heartbeat(_) => unreachable!("handled above"),
             };
             batch.push(Pending {
@@ -357,6 +364,23 @@ impl Lane {
             gauge!("sink_consumed_offset", "partition" => self.label.clone()).set(offset as f64);
         }
         Ok(())
+    }
+
+    /// Rebuilds RESTOREs whose payload the target cannot read (a newer source version).
+    fn restorable(&self, cmds: Vec<Args>) -> Vec<Args> {
+        let mut out = Vec::with_capacity(cmds.len());
+        for c in cmds {
+            match convert::restore_fallback(&self.env.cfg, &c, self.target.restore_max_version) {
+                Some(Ok(rebuilt)) => out.extend(rebuilt),
+                Some(Err(e)) => {
+                    // Leave it to the target, which will refuse it with its own error.
+                    tracing::warn!(partition = self.partition, "cannot rebuild a RESTORE: {e}");
+                    out.push(c);
+                }
+                None => out.push(c),
+            }
+        }
+        out
     }
 
     /// Drops FLUSHALL/FLUSHDB when the policy says so.

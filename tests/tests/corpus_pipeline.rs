@@ -1,0 +1,179 @@
+//! Every corpus replication capture (Redis 5.0 to 8.0 and Valkey 8, disk-based and diskless)
+//! replayed by the fake master through the whole pipeline into a Debian 7.0 target: the target
+//! ends equal to the capture's `final_dataset` (what a real replica of that version held).
+//! Captures that use commands the target does not know, or whose RDB version the target cannot
+//! RESTORE (unless CORPUS_REBUILD=1), are skipped, and say why.
+
+use harness::broker::{random_topic, Broker, Storage};
+use harness::connector::{Connector, Kind};
+use harness::dataset::{self, CompareOptions, Dataset};
+use harness::fake_master::{FakeMaster, Playback};
+use harness::pipeline::{sink_config, source_config, Options};
+use harness::redis::{RedisConfig, RedisServer};
+use std::time::{Duration, Instant};
+
+/// Commands of the capture's stream that the target does not know.
+fn unknown_commands(target: &RedisServer, capture: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> = capture["commands"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            c["cmd"]
+                .as_array()?
+                .first()?
+                .as_str()
+                .map(str::to_ascii_uppercase)
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .filter(|n| {
+            let info: redis::Value = redis::cmd("COMMAND")
+                .arg("INFO")
+                .arg(n)
+                .query(&mut target.conn())
+                .unwrap();
+            matches!(info, redis::Value::Array(ref v) if v.first() == Some(&redis::Value::Nil))
+        })
+        .collect()
+}
+
+/// Keys whose TTL ends within a minute of now (or already has): the target may or may not hold
+/// them depending on timing, so they are left out of the comparison on both sides.
+fn without_expiring(mut d: Dataset, now_ms: i64, relative_ttls: bool) -> Dataset {
+    if !relative_ttls {
+        d.keys
+            .retain(|_, e| e.ttl_ms.is_none_or(|t| t > now_ms + 60_000));
+    }
+    d
+}
+
+/// RDB version a corpus label writes (what the target must read to RESTORE its payloads).
+fn rdb_version(label: &str) -> u32 {
+    match label {
+        l if l.starts_with("valkey") => 11,
+        l if l.starts_with("7.2") => 11,
+        l if l.starts_with("7.4") || l.starts_with('8') => 12,
+        l if l.starts_with("7.0") => 10,
+        _ => 9,
+    }
+}
+
+#[test]
+fn every_capture_through_the_pipeline() {
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let mut ran = 0;
+    let mut skipped = Vec::new();
+    for label in harness::corpus::labels() {
+        for name in ["stream", "stream-diskless"] {
+            let (bin, json) = harness::corpus::capture(&label, name);
+            if !bin.exists() {
+                continue;
+            }
+            let capture: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+            let target =
+                RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction"))
+                    .unwrap();
+            // The Debian target reads RDB 10. Newer captures need values rebuilt with commands;
+            // that path still differs on consumer-group pending entries (see the README's
+            // status), so they are reported as skipped rather than hidden.
+            if rdb_version(&label) > 10 && std::env::var("CORPUS_REBUILD").is_err() {
+                skipped.push(format!("{label}/{name}: RDB {} needs the rebuild path (set CORPUS_REBUILD=1 to run it)", rdb_version(&label)));
+                continue;
+            }
+            let unknown = unknown_commands(&target, &capture);
+            if !unknown.is_empty() {
+                skipped.push(format!("{label}/{name}: the 7.0 target lacks {unknown:?}"));
+                continue;
+            }
+            let master = FakeMaster::start(Playback::from_file(&bin).unwrap()).unwrap();
+            let topic = random_topic("corpus");
+            let options = Options::default();
+            let source = Connector::start(
+                Kind::Source,
+                &source_config(&master.url(), &broker.bootstrap(), &topic, &options),
+                &[],
+            )
+            .unwrap();
+            let sink = Connector::start(
+                Kind::Sink,
+                &sink_config(&target.url(), &broker.bootstrap(), &topic, &options),
+                &[],
+            )
+            .unwrap();
+            let expected = Dataset::from_corpus_keys(&capture["final_dataset"]).unwrap();
+            let rebuilt = rdb_version(&label) > 10;
+            // Before 7.0, Redis propagates relative expiries (SETEX, SET EX, EXPIRE) as they
+            // were written, so a replica's TTLs count from when it applies them: replaying a
+            // capture days later gives later absolute TTLs, exactly as a native replica attached
+            // today would. For those versions only the presence of a TTL is compared.
+            let major: u32 = label
+                .trim_start_matches("valkey-")
+                .split('.')
+                .next()
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(0);
+            let relative_ttls = !label.starts_with("valkey") && major < 7;
+            let opts = CompareOptions {
+                ignore_prefix: Some(harness::pipeline::CHECKPOINT_PREFIX.as_bytes().to_vec()),
+                // The final dataset comes from a real replica; see harness::pipeline.
+                stream_entries_read: false,
+                ttl_tolerance_ms: if relative_ttls { i64::MAX / 4 } else { 2_000 },
+                approx_ttl_tolerance_ms: if relative_ttls { i64::MAX / 4 } else { 10_000 },
+            };
+            let started = Instant::now();
+            loop {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as i64;
+                let want = without_expiring(expected.clone(), now, relative_ttls);
+                let got = without_expiring(
+                    dataset::read(&mut [target.conn()]).unwrap(),
+                    now,
+                    relative_ttls,
+                );
+                let report = want.compare(&got, &opts);
+                if report.is_equal() {
+                    eprintln!(
+                        "{label}/{name}: {} keys equal after {:?}{}",
+                        report.compared,
+                        started.elapsed(),
+                        if rebuilt {
+                            " (values rebuilt with commands)"
+                        } else {
+                            ""
+                        }
+                    );
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    panic!(
+                        "{label}/{name}: target differs from final_dataset:\n{report}\n---- source ----\n{}\n---- sink ----\n{}",
+                        source.log(),
+                        sink.log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            // The connector acknowledged the whole stream to the master.
+            let end = capture["command_stream"]["master_repl_offset_end"]
+                .as_u64()
+                .unwrap();
+            harness::wait_for("the final ACK", Duration::from_secs(10), || {
+                (master.observed().last_ack? >= end).then_some(())
+            })
+            .unwrap_or_else(|e| panic!("{label}/{name}: {e}"));
+            ran += 1;
+        }
+    }
+    for s in &skipped {
+        eprintln!("skipped {s}");
+    }
+    // 5.0, 6.0, 6.2 and 7.0, disk-based and diskless.
+    assert!(ran >= 8, "only {ran} captures ran; skipped: {skipped:?}");
+}
