@@ -333,20 +333,21 @@ pub fn defer_past_expiry(mut args: Args, now_ms: i64, grace_ms: i64) -> Args {
     let num = |a: &Bytes| -> Option<i64> { std::str::from_utf8(a).ok()?.parse().ok() };
     let deferred = Bytes::from((now_ms + grace_ms).to_string());
     match name.as_slice() {
-        b"pexpireat" | b"hpexpireat" if args.len() >= 3 => {
-            if num(&args[2]).is_some_and(|t| t <= now_ms) {
-                args[2] = deferred;
-            }
+        b"pexpireat" | b"hpexpireat"
+            if args.len() >= 3 && num(&args[2]).is_some_and(|t| t <= now_ms) =>
+        {
+            args[2] = deferred;
         }
-        b"expireat" | b"hexpireat" if args.len() >= 3 => {
-            if num(&args[2]).is_some_and(|t| t.saturating_mul(1000) <= now_ms) {
-                args[0] = Bytes::from(if name == b"expireat" {
-                    "PEXPIREAT"
-                } else {
-                    "HPEXPIREAT"
-                });
-                args[2] = deferred;
-            }
+        b"expireat" | b"hexpireat"
+            if args.len() >= 3
+                && num(&args[2]).is_some_and(|t| t.saturating_mul(1000) <= now_ms) =>
+        {
+            args[0] = Bytes::from(if name == b"expireat" {
+                "PEXPIREAT"
+            } else {
+                "HPEXPIREAT"
+            });
+            args[2] = deferred;
         }
         b"set" | b"getex" => {
             let start = if name == b"set" { 3 } else { 2 };
