@@ -1,5 +1,5 @@
 # Command index. Each target is one line so it reads as a list of what you can do.
-.PHONY: env build test e2e bench fuzz lint fmt schema run
+.PHONY: env build test e2e bench bench-pipeline fuzz lint fmt schema run
 
 env:    ## install redis-server and the test broker (idempotent)
 	scripts/dev-env.sh
@@ -7,10 +7,12 @@ build:  ## build everything
 	cargo build --workspace --all-targets
 test:   ## every test, as CI runs it
 	scripts/test.sh
-e2e:    ## whole-pipeline scenarios only
-	cargo test -p tests
-bench:  ## criterion benchmarks (figures go to docs/benchmarks.md)
-	cargo bench --workspace
+e2e:    ## whole-pipeline scenarios only (builds the connector binaries first)
+	cargo build --bins && cargo test -p tests
+bench:  ## decoder benchmark script (figures go to docs/benchmarks.md)
+	scripts/bench-rdb.sh
+bench-pipeline: ## snapshot and apply against a native replica and redis-benchmark
+	scripts/bench-pipeline.sh
 fuzz:   ## fuzz the rdb and resp decoders (needs cargo-fuzz and nightly)
 	cd source-connector && cargo +nightly fuzz run rdb -- -runs=10000000 && cargo +nightly fuzz run resp -- -runs=10000000
 lint:   ## formatting and clippy, as CI checks them
