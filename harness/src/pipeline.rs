@@ -97,6 +97,24 @@ impl Pipeline {
         )
     }
 
+    /// Writes a marker key to the source and waits until the sink applied it: the snapshot is
+    /// done and the command stream flows end to end.
+    pub fn wait_running(&self) -> anyhow::Result<()> {
+        self.source.cmd::<()>(&["SET", "ready", "1"])?;
+        crate::wait_for(
+            "the pipeline to apply a first write",
+            Duration::from_secs(60),
+            || {
+                self.target
+                    .cmd::<Option<String>>(&["GET", "ready"])
+                    .ok()
+                    .flatten()
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("{e}\n---- sink ----\n{}", tail(&self.sink.log(), 6000)))?;
+        Ok(())
+    }
+
     /// Source and target datasets compared (checkpoint keys ignored).
     pub fn compare(&self) -> anyhow::Result<Report> {
         let opts = CompareOptions {

@@ -254,3 +254,13 @@ impl MasterReplica {
         )
     }
 }
+
+/// Runs a command given as raw arguments and panics with its name when it fails (for tests).
+pub fn exec(conn: &mut redis::Connection, args: &[&[u8]]) {
+    let mut cmd = redis::Cmd::new();
+    for a in args {
+        cmd.arg(*a);
+    }
+    cmd.exec(conn)
+        .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(args[0])));
+}

@@ -20,9 +20,3 @@ pub fn client_config(
     }
     c
 }
-
-/// Property names whose values must never be logged.
-pub fn is_secret_property(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    n.contains("password") || n.contains("secret") || n.contains("key") && !n.contains("key.")
-}

@@ -76,6 +76,10 @@ pub struct Lane {
     key: Bytes,
     applied: HashMap<String, Position>,
     control: watch::Receiver<bool>,
+    /// Per-record metrics, registered once.
+    skipped_duplicates: metrics::Counter,
+    snapshot_keys: metrics::Counter,
+    end_to_end: metrics::Histogram,
 }
 
 /// A record being applied, with where it came from.
@@ -96,8 +100,12 @@ impl Lane {
     ) -> anyhow::Result<Lane> {
         let target = Target::new(&env.cfg)?;
         let key = checkpoint_key(&env.cfg, &env.topic, partition);
+        let label = partition.to_string();
         Ok(Lane {
-            label: partition.to_string(),
+            skipped_duplicates: counter!("sink_records_skipped_total", "partition" => label.clone(), "reason" => "duplicate"),
+            snapshot_keys: counter!("sink_snapshot_keys_total", "partition" => label.clone()),
+            end_to_end: histogram!("sink_end_to_end_seconds"),
+            label,
             env,
             partition,
             target,
@@ -154,51 +162,36 @@ impl Lane {
         }
     }
 
-    /// Loads the lane's checkpoint from the target.
-    pub async fn load(&mut self) -> Result<(), Stop> {
-        let mut args = Vec::new();
-        if let Some(db) = self.checkpoint_db() {
-            // The checkpoint lives in db 0; the query path has no SELECT, so read it in a
-            // transaction-free way by selecting explicitly.
-            let _ = self
-                .query(&[b("SELECT"), Bytes::from(db.to_string())])
-                .await?;
-        }
-        args.push(b("HGETALL"));
-        args.push(self.key.clone());
-        let v = self.query(&args).await?;
-        self.applied.clear();
-        let pairs: Vec<(String, String)> = match v {
+    /// The applied positions stored in a checkpoint hash, by source shard (barrier markers
+    /// left out).
+    async fn read_checkpoint(&mut self, key: Bytes) -> Result<Vec<(String, Position)>, Stop> {
+        self.with_checkpoint_db().await?;
+        let v = self.query(&[b("HGETALL"), key]).await?;
+        let pairs: Vec<(Value, Value)> = match v {
             Value::Array(items) => items
-                .chunks(2)
-                .filter_map(|c| match c {
-                    [Value::BulkString(k), Value::BulkString(v)] => Some((
-                        String::from_utf8_lossy(k).into_owned(),
-                        String::from_utf8_lossy(v).into_owned(),
-                    )),
-                    _ => None,
-                })
+                .chunks_exact(2)
+                .map(|c| (c[0].clone(), c[1].clone()))
                 .collect(),
-            Value::Map(items) => items
-                .into_iter()
-                .filter_map(|(k, v)| match (k, v) {
-                    (Value::BulkString(k), Value::BulkString(v)) => Some((
-                        String::from_utf8_lossy(&k).into_owned(),
-                        String::from_utf8_lossy(&v).into_owned(),
-                    )),
-                    _ => None,
-                })
-                .collect(),
+            Value::Map(items) => items,
             _ => Vec::new(),
         };
-        for (field, value) in pairs {
-            if field.starts_with("barrier:") {
-                continue;
-            }
-            if let Some(p) = Position::parse(&value) {
-                self.applied.insert(field, p);
-            }
-        }
+        Ok(pairs
+            .into_iter()
+            .filter_map(|pair| match pair {
+                (Value::BulkString(f), Value::BulkString(v)) => {
+                    let field = String::from_utf8_lossy(&f).into_owned();
+                    let position = Position::parse(&String::from_utf8_lossy(&v))?;
+                    (!field.starts_with("barrier:")).then_some((field, position))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Loads the lane's checkpoint from the target.
+    pub async fn load(&mut self) -> Result<(), Stop> {
+        let stored = self.read_checkpoint(self.key.clone()).await?;
+        self.applied = stored.into_iter().collect();
         tracing::info!(
             partition = self.partition,
             "lane starts; applied positions in the target: {:?}",
@@ -260,7 +253,7 @@ impl Lane {
                     .iter()
                     .any(|p| p.shard == shard && position <= p.position)
             {
-                counter!("sink_records_skipped_total", "partition" => self.label.clone(), "reason" => "duplicate").increment(1);
+                self.skipped_duplicates.increment(1);
                 tracing::trace!(
                     partition = self.partition,
                     offset = message.offset(),
@@ -321,8 +314,7 @@ impl Lane {
                     )
                 }
                 Body::KeyEntry(entry) => {
-                    counter!("sink_snapshot_keys_total", "partition" => self.label.clone())
-                        .increment(1);
+                    self.snapshot_keys.increment(1);
                     match convert::key_entry(&self.env.cfg, &entry, self.target.restore_max_version)
                     {
                         Ok(cmds) => ops_of(cmds),
@@ -411,7 +403,7 @@ impl Lane {
     /// Records a position as applied without data (a record that was dead-lettered).
     async fn checkpoint_only(&mut self, shard: &str, position: Position) -> Result<(), Stop> {
         let op = self.checkpoint_op(self.key.clone(), &[(shard.to_owned(), position)]);
-        match self.apply(vec![op]).await {
+        match self.apply(&[op]).await {
             Ok(()) | Err(ApplyFailure::Continue) => {}
             Err(ApplyFailure::Stop(s)) => return Err(s),
             Err(ApplyFailure::Record { error, .. }) => {
@@ -444,11 +436,11 @@ impl Lane {
                 batch[0].position,
                 batch[batch.len() - 1].position
             );
-            match self.apply(ops.clone()).await {
+            match self.apply(&ops).await {
                 Ok(()) | Err(ApplyFailure::Continue) => {
                     let now = service::now_ms();
                     for p in batch.iter() {
-                        histogram!("sink_end_to_end_seconds")
+                        self.end_to_end
                             .record((now - p.capture_ms).max(0) as f64 / 1000.0);
                     }
                     let n_cmds: usize = batch.iter().map(|p| p.ops.len()).sum();
@@ -492,12 +484,12 @@ impl Lane {
     }
 
     /// Applies ops atomically, retrying transient errors until they succeed.
-    async fn apply(&mut self, ops: Vec<Op>) -> Result<(), ApplyFailure> {
+    async fn apply(&mut self, ops: &[Op]) -> Result<(), ApplyFailure> {
         let mut backoff = Duration::from_millis(10);
         let mut stalled_since: Option<Instant> = None;
         let keep = self.env.cfg.apply.snapshot_conflict == Conflict::Keep;
         loop {
-            let result = self.target.exec(&ops).await;
+            let result = self.target.exec(ops).await;
             let error = match result {
                 Ok(results) => {
                     if let Some(since) = stalled_since {
@@ -761,23 +753,11 @@ impl Lane {
             .collect();
         for &q in &partitions {
             let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
-            let mut fields: Vec<(String, Position)> = Vec::new();
-            if rewrites {
-                self.with_checkpoint_db().await?;
-                if let Value::Array(items) = self.query(&[b("HGETALL"), key.clone()]).await? {
-                    for c in items.chunks(2) {
-                        if let [Value::BulkString(f), Value::BulkString(v)] = c {
-                            let f = String::from_utf8_lossy(f).into_owned();
-                            if let (false, Some(p)) = (
-                                f.starts_with("barrier:"),
-                                Position::parse(&String::from_utf8_lossy(v)),
-                            ) {
-                                fields.push((f, p));
-                            }
-                        }
-                    }
-                }
-            }
+            let mut fields = if rewrites {
+                self.read_checkpoint(key.clone()).await?
+            } else {
+                Vec::new()
+            };
             fields.retain(|(s, _)| s != shard);
             fields.push((shard.to_owned(), position));
             for &other in &swapped_to {
@@ -789,7 +769,7 @@ impl Lane {
             }
             ops.push(self.checkpoint_op(key, &fields));
         }
-        match self.apply(ops).await {
+        match self.apply(&ops).await {
             Ok(()) => {}
             Err(ApplyFailure::Stop(s)) => return Err(s),
             Err(ApplyFailure::Continue) => {}
@@ -802,14 +782,14 @@ impl Lane {
                     let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
                     ops.push(self.checkpoint_op(key, &[(shard.to_owned(), position)]));
                 }
-                self.apply(ops).await.map_err(|_| self.halt(&what))?;
+                self.apply(&ops).await.map_err(|_| self.halt(&what))?;
             }
         }
         gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(0.0);
         self.applied.insert(shard.to_owned(), position);
         histogram!("sink_barrier_wait_seconds", "partition" => self.label.clone())
             .record(started.elapsed().as_secs_f64());
-        histogram!("sink_end_to_end_seconds")
+        self.end_to_end
             .record((service::now_ms() - capture_ms).max(0) as f64 / 1000.0);
         counter!("sink_records_applied_total", "partition" => self.label.clone()).increment(1);
         Ok(())

@@ -27,6 +27,20 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
+    /// A command refused before it ran: transient or permanent by its code.
+    fn refused(code: String, message: String, op: Option<usize>) -> ApplyError {
+        if is_transient(&code) {
+            ApplyError::Transient { code, message }
+        } else {
+            ApplyError::Permanent {
+                code,
+                message,
+                op,
+                applied: false,
+            }
+        }
+    }
+
     pub fn code(&self) -> &str {
         match self {
             ApplyError::Transient { code, .. } | ApplyError::Permanent { code, .. } => code,
@@ -209,16 +223,7 @@ impl Target {
                         .and_then(|d| d.parse().ok());
                 }
                 if let Some((code, message)) = server_error(&v) {
-                    return Err(if is_transient(&code) {
-                        ApplyError::Transient { code, message }
-                    } else {
-                        ApplyError::Permanent {
-                            code,
-                            message,
-                            op: None,
-                            applied: false,
-                        }
-                    });
+                    return Err(ApplyError::refused(code, message, None));
                 }
                 Ok(v)
             }
@@ -267,31 +272,17 @@ impl Target {
                 let op = (i > 0)
                     .then(|| result_index.iter().position(|&r| r == i - 1))
                     .flatten();
-                return Err(if is_transient(&code) {
-                    ApplyError::Transient { code, message }
-                } else {
-                    ApplyError::Permanent {
-                        code,
-                        message,
-                        op,
-                        applied: false,
-                    }
-                });
+                return Err(ApplyError::refused(code, message, op));
             }
         }
         let exec = values.into_iter().last().unwrap_or(Value::Nil);
         if let Some((code, message)) = server_error(&exec) {
             self.discard(&mut conn).await;
-            return Err(if is_transient(&code) || code == "EXECABORT" {
-                ApplyError::Transient { code, message }
-            } else {
-                ApplyError::Permanent {
-                    code,
-                    message,
-                    op: None,
-                    applied: false,
-                }
-            });
+            // EXECABORT without a refused queued command: the transaction was dropped whole.
+            if code == "EXECABORT" {
+                return Err(ApplyError::Transient { code, message });
+            }
+            return Err(ApplyError::refused(code, message, None));
         }
         let Value::Array(results) = exec else {
             return Err(ApplyError::Transient {

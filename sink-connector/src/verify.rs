@@ -127,6 +127,26 @@ fn value(conn: &mut Connection, key: &[u8]) -> anyhow::Result<(String, Value, i6
     Ok((kind, v, ttl))
 }
 
+/// Every key of the selected db, in SCAN batches.
+fn scan(
+    conn: &mut Connection,
+    mut each: impl FnMut(Vec<Vec<u8>>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query(conn)?;
+        each(batch)?;
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
 fn select(conn: &mut Connection, db: u32) -> anyhow::Result<()> {
     redis::cmd("SELECT").arg(db).exec(conn)?;
     Ok(())
@@ -168,19 +188,10 @@ pub fn verify(
                 candidates.dedup();
             }
             None => {
-                let mut cursor = 0u64;
-                loop {
-                    let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query(&mut src)?;
+                scan(&mut src, |batch| {
                     candidates.extend(batch);
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
-                }
+                    Ok(())
+                })?;
             }
         }
         for key in candidates {
@@ -240,13 +251,7 @@ pub fn verify(
                 .find(|d| cfg.map_db(*d) == tdb)
                 .unwrap_or(tdb);
             select(&mut src, source_db)?;
-            let mut cursor = 0u64;
-            loop {
-                let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query(&mut dst)?;
+            scan(&mut dst, |batch| {
                 for key in batch {
                     if key.starts_with(&prefix) {
                         continue;
@@ -259,11 +264,8 @@ pub fn verify(
                         }
                     }
                 }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
+                Ok(())
+            })?;
         }
     }
     Ok(report)

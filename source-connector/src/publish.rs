@@ -7,11 +7,11 @@
 //! down, [`Publisher::publish`] waits, which stops the caller from reading Redis.
 
 use crate::records::{Mark, Outgoing};
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, Counter, Gauge};
 use proto::topic;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -75,8 +75,14 @@ pub struct Publisher {
     queue: mpsc::UnboundedSender<InFlight>,
     acked: watch::Receiver<Option<Mark>>,
     failed: watch::Receiver<Option<String>>,
+    /// The last mark handed to Kafka (what `flush` waits for).
     published: Option<Mark>,
     max_message_bytes: usize,
+    /// The same for every record of this shard: built once.
+    headers: OwnedHeaders,
+    records_produced: Counter,
+    bytes_produced: Counter,
+    offset_published: Gauge,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -108,7 +114,23 @@ impl Publisher {
         let (acked_tx, acked) = watch::channel(None);
         let (failed_tx, failed) = watch::channel(None);
         tokio::spawn(track(rx, acked_tx, failed_tx, shard.clone()));
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: topic::HEADER_CONTENT_TYPE,
+                value: Some(topic::CONTENT_TYPE),
+            })
+            .insert(Header {
+                key: topic::HEADER_SCHEMA_VERSION,
+                value: Some(&proto::SCHEMA_VERSION.to_string()),
+            })
+            .insert(Header {
+                key: topic::HEADER_SOURCE_SHARD,
+                value: Some(&shard),
+            });
         Publisher {
+            records_produced: counter!("source_records_produced_total", "shard" => shard.clone()),
+            bytes_produced: counter!("source_bytes_produced_total", "shard" => shard.clone()),
+            offset_published: gauge!("source_offset_published", "shard" => shard.clone()),
             producer,
             topic,
             shard,
@@ -119,17 +141,13 @@ impl Publisher {
             failed,
             published: None,
             max_message_bytes,
+            headers,
         }
     }
 
     /// The highest mark Kafka has acknowledged with everything before it.
     pub fn acked(&self) -> watch::Receiver<Option<Mark>> {
         self.acked.clone()
-    }
-
-    /// The last mark handed to Kafka (not necessarily acknowledged).
-    pub fn published(&self) -> Option<Mark> {
-        self.published
     }
 
     /// Produces one record (to each of its partitions). Waits while too many bytes are in
@@ -173,26 +191,13 @@ impl Publisher {
             }
         };
         let key = out.key.to_bytes();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: topic::HEADER_CONTENT_TYPE,
-                value: Some(topic::CONTENT_TYPE),
-            })
-            .insert(Header {
-                key: topic::HEADER_SCHEMA_VERSION,
-                value: Some(&proto::SCHEMA_VERSION.to_string()),
-            })
-            .insert(Header {
-                key: topic::HEADER_SOURCE_SHARD,
-                value: Some(&self.shard),
-            });
         let mut deliveries = Vec::with_capacity(out.partitions.len());
         for &partition in &out.partitions {
             let mut record = FutureRecord::to(&self.topic)
                 .partition(partition as i32)
                 .key(&key)
                 .payload(&payload)
-                .headers(headers.clone());
+                .headers(self.headers.clone());
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
@@ -211,14 +216,12 @@ impl Publisher {
                     }
                 }
             }
-            counter!("source_records_produced_total", "shard" => self.shard.clone()).increment(1);
-            counter!("source_bytes_produced_total", "shard" => self.shard.clone())
-                .increment(payload.len() as u64);
+            self.records_produced.increment(1);
+            self.bytes_produced.increment(payload.len() as u64);
         }
         if let Some(mark) = out.mark {
             self.published = Some(mark);
-            gauge!("source_offset_published", "shard" => self.shard.clone())
-                .set(mark.offset as f64);
+            self.offset_published.set(mark.offset as f64);
         }
         let _ = self.queue.send(InFlight {
             deliveries,
@@ -266,21 +269,12 @@ impl Publisher {
         Ok(())
     }
 
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
-    }
-
     fn error(&self, error: String) -> PublishError {
         PublishError {
             topic: self.topic.clone(),
             error,
             fatal: false,
         }
-    }
-
-    /// Stops tracking; outstanding records are flushed by librdkafka on drop.
-    pub fn close(self) {
-        let _ = self.producer.flush(Duration::from_secs(5));
     }
 }
 
@@ -297,6 +291,8 @@ async fn track(
     failed: watch::Sender<Option<String>>,
     shard: String,
 ) {
+    let latency = histogram!("source_produce_latency_seconds", "shard" => shard.clone());
+    let offset_acked = gauge!("source_offset_acked", "shard" => shard.clone());
     while let Some(item) = rx.recv().await {
         for delivery in item.deliveries {
             let result = match delivery.await {
@@ -311,10 +307,9 @@ async fn track(
                 return;
             }
         }
-        histogram!("source_produce_latency_seconds", "shard" => shard.clone())
-            .record(item.started.elapsed().as_secs_f64());
+        latency.record(item.started.elapsed().as_secs_f64());
         if let Some(mark) = item.mark {
-            gauge!("source_offset_acked", "shard" => shard.clone()).set(mark.offset as f64);
+            offset_acked.set(mark.offset as f64);
             let _ = acked.send(Some(mark));
         }
     }

@@ -2,18 +2,9 @@
 //! during the stall, and kill -9 of the source connector during the snapshot and the stream.
 
 use harness::pipeline::{Options, Pipeline};
-use harness::redis::{RedisConfig, RedisServer};
+use harness::redis::{exec, RedisConfig, RedisServer};
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
-
-fn exec(conn: &mut redis::Connection, args: &[&[u8]]) {
-    let mut cmd = redis::Cmd::new();
-    for a in args {
-        cmd.arg(*a);
-    }
-    cmd.exec(conn)
-        .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(args[0])));
-}
 
 fn seed() -> u64 {
     let seed = std::env::var("SEED")
@@ -66,7 +57,17 @@ fn full_target_stalls_then_everything_arrives_in_order() {
     write_more_than_maxmemory(&p.source);
     wait_stalled(&p);
     // The stall holds: nothing is skipped while the target is full.
-    std::thread::sleep(Duration::from_secs(3));
+    harness::wait_for("the stall to last 3 s", Duration::from_secs(30), || {
+        let held = ["0", "1", "2", "3"]
+            .iter()
+            .filter_map(|q| {
+                p.sink
+                    .metric("sink_lane_stalled_seconds", &[("partition", q)])
+            })
+            .fold(0.0, f64::max);
+        (held >= 3.0).then_some(())
+    })
+    .unwrap();
     assert!(p.compare().unwrap().differences.len() > 100);
     let health = p.sink.http_get("/health").unwrap();
     assert_eq!(health.0, 200, "a stall is not a failure: {health:?}");
@@ -155,8 +156,17 @@ fn source_kill9_during_snapshot_and_streaming() {
         }
         eprintln!("round {round}: {writes} writes in {:?}", started.elapsed());
         std::thread::sleep(Duration::from_millis(rng.random_range(0..1000)));
+        let resumed = partial(&p);
         p.source_connector.kill9();
         p.source_connector.restart().unwrap();
+        // The next kill comes only once this restart has reconnected; otherwise two kills can
+        // fall on one connection attempt and the count below would say nothing.
+        harness::wait_for(
+            "the restarted connector to resume",
+            Duration::from_secs(60),
+            || (partial(&p) > resumed || full_syncs(&p) > full_before).then_some(()),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.source_connector.log()));
     }
     p.wait_equal(Duration::from_secs(120)).unwrap();
     assert_eq!(
@@ -187,14 +197,7 @@ fn broker_outage_loses_nothing() {
         ..Options::default()
     })
     .unwrap();
-    exec(&mut p.source.conn(), &[b"SET", b"ready", b"1"]);
-    harness::wait_for("the pipeline to run", Duration::from_secs(60), || {
-        p.target
-            .cmd::<Option<String>>(&["GET", "ready"])
-            .ok()
-            .flatten()
-    })
-    .unwrap();
+    p.wait_running().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let stop = std::sync::Arc::clone(&stop);
@@ -221,7 +224,17 @@ fn broker_outage_loses_nothing() {
             n
         })
     };
-    std::thread::sleep(Duration::from_secs(2));
+    harness::wait_for(
+        "writes to flow to the target",
+        Duration::from_secs(30),
+        || {
+            p.target
+                .cmd::<Option<String>>(&["GET", "c:0"])
+                .ok()
+                .flatten()
+        },
+    )
+    .unwrap();
     p.broker.kill9();
     let pid = p.source_connector.process().pid().unwrap();
     let mut max_rss = 0;
@@ -230,8 +243,21 @@ fn broker_outage_loses_nothing() {
         max_rss = max_rss.max(rss_kb(pid).unwrap_or(0));
         std::thread::sleep(Duration::from_secs(1));
     }
+    let checkpoints = p
+        .source_connector
+        .metric("source_checkpoints_total", &[])
+        .unwrap_or(0.0);
     p.broker.restart().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // Keep writing until the source connector checkpoints again after the outage.
+    harness::wait_for(
+        "the source connector to resume",
+        Duration::from_secs(60),
+        || {
+            let now = p.source_connector.metric("source_checkpoints_total", &[])?;
+            (now > checkpoints).then_some(())
+        },
+    )
+    .unwrap();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let rounds = writer.join().unwrap();
     p.wait_equal(Duration::from_secs(180)).unwrap();

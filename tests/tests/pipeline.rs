@@ -2,18 +2,9 @@
 //! sink-connector → target Redis, compared key by key with the harness.
 
 use harness::pipeline::{Options, Pipeline};
-use harness::redis::RedisConfig;
+use harness::redis::{exec, RedisConfig};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
-
-fn exec(conn: &mut redis::Connection, args: &[&[u8]]) {
-    let mut cmd = redis::Cmd::new();
-    for a in args {
-        cmd.arg(*a);
-    }
-    cmd.exec(conn)
-        .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(args[0])));
-}
 
 /// Every data type, TTLs, a chunked string and a big hash, in dbs 0 and 3.
 fn load_sample(conn: &mut redis::Connection) {
@@ -180,18 +171,7 @@ fn sink_kill9_applies_everything_exactly_once() {
     let mut p = Pipeline::start(Options::default()).unwrap();
     // Start writing only after the (empty) snapshot is applied: the workload's keys then exist
     // only in the command stream, so applying any command twice shows in the final values.
-    exec(&mut p.source.conn(), &[b"SET", b"ready", b"1"]);
-    harness::wait_for(
-        "the sink to apply the first write",
-        Duration::from_secs(60),
-        || {
-            p.target
-                .cmd::<Option<String>>(&["GET", "ready"])
-                .ok()
-                .flatten()
-        },
-    )
-    .unwrap();
+    p.wait_running().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let stop = std::sync::Arc::clone(&stop);
@@ -301,14 +281,7 @@ fn record_bytes(db: u32, key: &str, offset: u64) -> (u32, Vec<u8>) {
 #[test]
 fn bad_records_halt_their_lane_only() {
     let p = Pipeline::start(Options::default()).unwrap();
-    exec(&mut p.source.conn(), &[b"SET", b"ready", b"1"]);
-    harness::wait_for("the pipeline to run", Duration::from_secs(60), || {
-        p.target
-            .cmd::<Option<String>>(&["GET", "ready"])
-            .ok()
-            .flatten()
-    })
-    .unwrap();
+    p.wait_running().unwrap();
     // Garbage without a content type on partition 0.
     p.broker
         .produce_raw(&p.topic, 0, b"junk", b"\x00\x01 not a record", &[])
@@ -386,14 +359,7 @@ fn dead_letter_policy_keeps_the_lane_going() {
     })
     .unwrap();
     p.broker.create_topic(&dlq, 1).unwrap();
-    exec(&mut p.source.conn(), &[b"SET", b"ready", b"1"]);
-    harness::wait_for("the pipeline to run", Duration::from_secs(60), || {
-        p.target
-            .cmd::<Option<String>>(&["GET", "ready"])
-            .ok()
-            .flatten()
-    })
-    .unwrap();
+    p.wait_running().unwrap();
     for partition in 0..4 {
         p.broker
             .produce_raw(&p.topic, partition, b"junk", b"garbage", &[])
