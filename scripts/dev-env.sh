@@ -3,6 +3,8 @@
 #   - redis-server and redis-cli from Debian's packages (7.0);
 #   - the Kafka-protocol broker nisshi 0.8.1 (crates.io), built with the nightly toolchain into a
 #     cache directory so later runs reuse it.
+#   - the Compose specification's JSON schema, taken from the docker-compose 1.29.2 wheel on PyPI,
+#     for the test that validates compose/compose.yaml.
 # Idempotent: when everything is present it only checks versions and exits in well under a second.
 # Prints nothing but progress on stderr; `scripts/dev-env.sh --print-env` prints the variables the
 # harness reads (NISSHI_BIN).
@@ -57,9 +59,30 @@ install_nisshi() {
   rm -rf "$NISSHI_ROOT.partial"
 }
 
+install_compose_schema() {
+  local schema="$CACHE_DIR/compose-spec.json"
+  if [ -s "$schema" ]; then
+    return
+  fi
+  log "fetching the Compose specification schema (docker-compose 1.29.2 wheel, PyPI)"
+  mkdir -p "$CACHE_DIR"
+  local dir
+  dir="$(mktemp -d)"
+  python3 -m pip download --quiet --no-deps --dest "$dir" docker-compose==1.29.2 >&2
+  python3 - "$dir"/docker_compose-1.29.2-py2.py3-none-any.whl "$schema.partial" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    data = wheel.read("compose/config/compose_spec.json")
+open(sys.argv[2], "wb").write(data)
+PY
+  mv "$schema.partial" "$schema"
+  rm -rf "$dir"
+}
+
 install_build_deps
 install_redis
 install_nisshi
+install_compose_schema
 
 if [ "${1:-}" = "--print-env" ]; then
   echo "export NISSHI_BIN=$NISSHI_BIN"

@@ -27,17 +27,7 @@ pub fn broker_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("NISSHI_BIN") {
         return p.into();
     }
-    let cache = std::env::var_os("REDIS_REPL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-                })
-                .join("redis-repl")
-        });
-    cache.join("nisshi-0.8.1/bin/nisshi")
+    crate::cache_dir().join("nisshi-0.8.1/bin/nisshi")
 }
 
 #[derive(Debug)]

@@ -45,3 +45,18 @@ pub fn wait_for<T>(
         delay = (delay * 2).min(Duration::from_millis(200));
     }
 }
+
+/// Where `scripts/dev-env.sh` installs what the tests need: `$REDIS_REPL_CACHE`, else
+/// `$XDG_CACHE_HOME/redis-repl`, else `~/.cache/redis-repl`.
+pub fn cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(dir) = std::env::var_os("REDIS_REPL_CACHE") {
+        return dir.into();
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        })
+        .join("redis-repl")
+}
