@@ -5,6 +5,11 @@
 //! source shard holding the last applied position. Records at or below it are skipped, so
 //! replays after a crash or a rebalance apply nothing twice. Barrier records (on several
 //! partitions) are coordinated through the same hashes: see [`Lane::barrier`].
+//!
+//! The hash also holds `kafka:offset`, the partition offset its data covers. A lane starts (and,
+//! after the target came back from a restart or failover with older data, restarts) from there:
+//! a target that lost writes gets them again, because the lane rewinds the partition to what the
+//! target really holds instead of trusting the consumer group's committed offset.
 
 use crate::config::{Config, Conflict, FlushPolicy, OnError};
 use crate::convert::{self, Args};
@@ -31,6 +36,29 @@ pub enum Stop {
     Revoked,
     /// A permanent error under `on_error = "halt"`.
     Halted(String),
+    /// The target lost writes this lane had applied: reload its checkpoint and rewind to it.
+    Rewind,
+}
+
+/// What a lane needs from the consumer. The calls block; lanes run them on the blocking pool.
+pub trait Partitions: Send + Sync {
+    /// Marks `offset` of `partition` as applied, for the next offset commit.
+    fn commit(&self, partition: i32, offset: i64);
+    /// The oldest offset the partition still holds.
+    fn low_watermark(&self, partition: i32) -> Result<i64, String>;
+    /// Makes the partition's next message the one at `offset`.
+    fn seek(&self, partition: i32, offset: i64) -> Result<(), String>;
+}
+
+/// Field of the checkpoint hash with the Kafka offset of the last message its data covers.
+const KAFKA_OFFSET_FIELD: &str = "kafka:offset";
+
+/// A lane's checkpoint hash as read from the target.
+#[derive(Debug, Default)]
+struct Checkpoint {
+    exists: bool,
+    positions: Vec<(String, Position)>,
+    kafka_offset: Option<i64>,
 }
 
 /// What a lane needs from the rest of the process.
@@ -40,7 +68,7 @@ pub struct LaneEnv {
     pub topic: String,
     pub health: Health,
     pub dead_letter: Option<FutureProducer>,
-    pub commit: Arc<dyn Fn(i32, i64) + Send + Sync>,
+    pub partitions: Arc<dyn Partitions>,
 }
 
 impl std::fmt::Debug for LaneEnv {
@@ -75,6 +103,13 @@ pub struct Lane {
     target: Target,
     key: Bytes,
     applied: HashMap<String, Position>,
+    /// Kafka offset of the last message whose effects the target's checkpoint covers.
+    kafka_applied: Option<i64>,
+    /// After (re)loading the checkpoint: the first message must be at or below this offset,
+    /// or messages were committed that the target does not hold and the lane seeks back.
+    expect_next: Option<i64>,
+    /// A seek back to `expect_next` is under way: later messages are dropped until it lands.
+    rewinding: bool,
     control: watch::Receiver<bool>,
     /// Per-record metrics, registered once.
     skipped_duplicates: metrics::Counter,
@@ -111,6 +146,9 @@ impl Lane {
             target,
             key,
             applied: HashMap::new(),
+            kafka_applied: None,
+            expect_next: None,
+            rewinding: false,
             control,
         })
     }
@@ -162,9 +200,9 @@ impl Lane {
         }
     }
 
-    /// The applied positions stored in a checkpoint hash, by source shard (barrier markers
-    /// left out).
-    async fn read_checkpoint(&mut self, key: Bytes) -> Result<Vec<(String, Position)>, Stop> {
+    /// A checkpoint hash: applied positions by source shard (barrier markers left out) and
+    /// the Kafka offset they cover.
+    async fn read_checkpoint(&mut self, key: Bytes) -> Result<Checkpoint, Stop> {
         self.with_checkpoint_db().await?;
         let v = self.query(&[b("HGETALL"), key]).await?;
         let pairs: Vec<(Value, Value)> = match v {
@@ -175,32 +213,119 @@ impl Lane {
             Value::Map(items) => items,
             _ => Vec::new(),
         };
-        Ok(pairs
-            .into_iter()
-            .filter_map(|pair| match pair {
-                (Value::BulkString(f), Value::BulkString(v)) => {
-                    let field = String::from_utf8_lossy(&f).into_owned();
-                    let position = Position::parse(&String::from_utf8_lossy(&v))?;
-                    (!field.starts_with("barrier:")).then_some((field, position))
+        let mut checkpoint = Checkpoint {
+            exists: !pairs.is_empty(),
+            ..Checkpoint::default()
+        };
+        for pair in pairs {
+            let (Value::BulkString(f), Value::BulkString(v)) = pair else {
+                continue;
+            };
+            let field = String::from_utf8_lossy(&f).into_owned();
+            let value = String::from_utf8_lossy(&v);
+            if field == KAFKA_OFFSET_FIELD {
+                checkpoint.kafka_offset = value.parse().ok();
+            } else if !field.starts_with("barrier:") {
+                if let Some(position) = Position::parse(&value) {
+                    checkpoint.positions.push((field, position));
                 }
-                _ => None,
-            })
-            .collect())
+            }
+        }
+        Ok(checkpoint)
     }
 
-    /// Loads the lane's checkpoint from the target.
+    /// Loads the lane's checkpoint from the target: what it holds is where the lane goes on.
     pub async fn load(&mut self) -> Result<(), Stop> {
         let stored = self.read_checkpoint(self.key.clone()).await?;
-        self.applied = stored.into_iter().collect();
+        self.target.verified();
+        self.applied = stored.positions.into_iter().collect();
+        self.kafka_applied = stored.kafka_offset;
+        self.rewinding = false;
+        self.expect_next = match stored.kafka_offset {
+            Some(offset) => Some(offset + 1),
+            // Nothing of this partition in the target: it must see the partition from its start
+            // (a target that lost everything, while the group's offsets moved on).
+            None if !stored.exists => {
+                let partitions = Arc::clone(&self.env.partitions);
+                let partition = self.partition;
+                match blocking(move || partitions.low_watermark(partition)).await {
+                    Ok(low) => Some(low),
+                    Err(e) => {
+                        tracing::warn!(partition, "cannot read the partition's oldest offset ({e}); starting from the committed offset");
+                        None
+                    }
+                }
+            }
+            // Written by a version without `kafka:offset`: trust the committed offset.
+            None => None,
+        };
         tracing::info!(
             partition = self.partition,
-            "lane starts; applied positions in the target: {:?}",
+            "lane starts; the target holds positions {:?} up to partition offset {:?}",
             self.applied
                 .iter()
                 .map(|(s, p)| format!("{s}={p}"))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>(),
+            self.kafka_applied
         );
         Ok(())
+    }
+
+    /// Called before writing on a new connection to the target: does it still hold what this
+    /// lane applied? A target that restarted without persistence, or failed over to a replica
+    /// that had not received the last writes, comes back with an older checkpoint (or none);
+    /// then the lane rewinds the partition to what the target holds.
+    async fn verify_target(&mut self) -> Result<(), Stop> {
+        let stored = self.read_checkpoint(self.key.clone()).await?;
+        let held: HashMap<&str, Position> = stored
+            .positions
+            .iter()
+            .map(|(s, p)| (s.as_str(), *p))
+            .collect();
+        let regressed_shard = self
+            .applied
+            .iter()
+            .find(|(shard, p)| held.get(shard.as_str()).is_none_or(|h| h < *p));
+        let lost = match (self.kafka_applied, stored.kafka_offset) {
+            (Some(applied), Some(held)) => held < applied,
+            (Some(_), None) => true,
+            (None, _) => false,
+        } || regressed_shard.is_some();
+        self.target.verified();
+        if !lost {
+            return Ok(());
+        }
+        tracing::error!(
+            partition = self.partition,
+            "target {} lost writes this lane had applied (it holds partition offset {:?}, the lane applied up to {:?}; shard {:?}): a restart without persistence or a failover to a lagging replica. Rewinding the partition to what the target holds.",
+            self.target.address(),
+            stored.kafka_offset,
+            self.kafka_applied,
+            regressed_shard.map(|(s, p)| format!("{s} applied {p}, held {:?}", held.get(s.as_str())))
+        );
+        Err(Stop::Rewind)
+    }
+
+    /// The first message after a (re)load is past what the target holds: seek back.
+    async fn rewind_to(&mut self, offset: i64, seen: i64) -> Result<(), Stop> {
+        tracing::warn!(
+            partition = self.partition,
+            "the consumer is at offset {seen} but the target holds this partition only up to offset {}: seeking back to {offset}",
+            offset - 1
+        );
+        let partitions = Arc::clone(&self.env.partitions);
+        let partition = self.partition;
+        match blocking(move || partitions.seek(partition, offset)).await {
+            Ok(()) => {
+                counter!("sink_rewinds_total", "partition" => self.label.clone()).increment(1);
+                self.rewinding = true;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(partition, "seek to offset {offset} failed ({e}); retrying");
+                self.pause(Duration::from_secs(1)).await
+            }
+        }
     }
 
     fn is_applied(&self, shard: &str, p: Position) -> bool {
@@ -211,8 +336,22 @@ impl Lane {
     pub async fn process(&mut self, messages: Vec<OwnedMessage>) -> Result<(), Stop> {
         let mut batch: Vec<Pending> = Vec::new();
         let mut last_offset = None;
+        // The last heartbeat per source shard: once everything before it is applied, this lane
+        // holds every write of its slots up to the heartbeat's replication offset.
+        let mut heartbeats: HashMap<String, (Position, i64)> = HashMap::new();
         let count = messages.len();
         for message in messages {
+            if let Some(expected) = self.expect_next {
+                if message.offset() > expected {
+                    // Committed past what the target holds, or left over from before a seek.
+                    if !self.rewinding {
+                        self.rewind_to(expected, message.offset()).await?;
+                    }
+                    continue;
+                }
+                self.expect_next = None;
+                self.rewinding = false;
+            }
             last_offset = Some(message.offset());
             let content_type = message.headers().and_then(|h| {
                 h.iter()
@@ -242,10 +381,7 @@ impl Lane {
                 continue;
             };
             if let Body::Heartbeat(_) = body {
-                let lag = (service::now_ms() - record.capture_time_ms).max(0) as f64 / 1000.0;
-                if batch.is_empty() {
-                    gauge!("sink_lag_seconds", "partition" => self.label.clone()).set(lag);
-                }
+                heartbeats.insert(shard, (position, record.capture_time_ms));
                 continue;
             }
             if self.is_applied(&shard, position)
@@ -277,7 +413,8 @@ impl Lane {
                     record.db
                 );
                 self.reject(&message, &what).await?;
-                self.checkpoint_only(&shard, position).await?;
+                self.checkpoint_only(&shard, position, message.offset())
+                    .await?;
                 continue;
             }
             let dbo = Some(db);
@@ -326,7 +463,8 @@ impl Lane {
                                 message.offset()
                             );
                             self.reject(&message, &what).await?;
-                            self.checkpoint_only(&shard, position).await?;
+                            self.checkpoint_only(&shard, position, message.offset())
+                                .await?;
                             continue;
                         }
                     }
@@ -350,12 +488,28 @@ impl Lane {
             });
         }
         self.flush(&mut batch).await?;
+        for (shard, (position, capture_ms)) in heartbeats {
+            self.caught_up(&shard, position, capture_ms);
+        }
         histogram!("sink_batch_records", "partition" => self.label.clone()).record(count as f64);
         if let Some(offset) = last_offset {
-            (self.env.commit)(self.partition, offset);
+            self.env.partitions.commit(self.partition, offset);
             gauge!("sink_consumed_offset", "partition" => self.label.clone()).set(offset as f64);
         }
         Ok(())
+    }
+
+    /// Publishes that this lane has applied everything of `shard` before a heartbeat: the
+    /// cut-over signal (docs/runbook.md).
+    fn caught_up(&self, shard: &str, position: Position, capture_ms: i64) {
+        let labels = [
+            ("partition", self.label.clone()),
+            ("shard", shard.to_string()),
+        ];
+        gauge!("sink_caught_up_repl_offset", &labels).set(position.offset as f64);
+        gauge!("sink_caught_up_timestamp_seconds", &labels).set(capture_ms as f64 / 1000.0);
+        let lag = (service::now_ms() - capture_ms).max(0) as f64 / 1000.0;
+        gauge!("sink_lag_seconds", "partition" => self.label.clone()).set(lag);
     }
 
     /// Rebuilds RESTOREs whose payload the target cannot read (a newer source version).
@@ -388,11 +542,20 @@ impl Lane {
         cmds
     }
 
-    fn checkpoint_op(&self, key: Bytes, positions: &[(String, Position)]) -> Op {
+    fn checkpoint_op(
+        &self,
+        key: Bytes,
+        positions: &[(String, Position)],
+        kafka_offset: Option<i64>,
+    ) -> Op {
         let mut args = vec![b("HSET"), key];
         for (shard, p) in positions {
             args.push(Bytes::from(shard.clone()));
             args.push(Bytes::from(p.to_text()));
+        }
+        if let Some(offset) = kafka_offset {
+            args.push(b(KAFKA_OFFSET_FIELD));
+            args.push(Bytes::from(offset.to_string()));
         }
         Op {
             db: self.checkpoint_db(),
@@ -401,8 +564,17 @@ impl Lane {
     }
 
     /// Records a position as applied without data (a record that was dead-lettered).
-    async fn checkpoint_only(&mut self, shard: &str, position: Position) -> Result<(), Stop> {
-        let op = self.checkpoint_op(self.key.clone(), &[(shard.to_owned(), position)]);
+    async fn checkpoint_only(
+        &mut self,
+        shard: &str,
+        position: Position,
+        kafka_offset: i64,
+    ) -> Result<(), Stop> {
+        let op = self.checkpoint_op(
+            self.key.clone(),
+            &[(shard.to_owned(), position)],
+            Some(kafka_offset),
+        );
         match self.apply(&[op]).await {
             Ok(()) | Err(ApplyFailure::Continue) => {}
             Err(ApplyFailure::Stop(s)) => return Err(s),
@@ -411,6 +583,7 @@ impl Lane {
             }
         }
         self.applied.insert(shard.to_owned(), position);
+        self.kafka_applied = Some(kafka_offset);
         Ok(())
     }
 
@@ -426,7 +599,8 @@ impl Lane {
                 last.insert(p.shard.clone(), p.position);
             }
             let positions: Vec<(String, Position)> = last.into_iter().collect();
-            ops.push(self.checkpoint_op(self.key.clone(), &positions));
+            let through = batch[batch.len() - 1].offset;
+            ops.push(self.checkpoint_op(self.key.clone(), &positions, Some(through)));
             let started = Instant::now();
             tracing::trace!(
                 partition = self.partition,
@@ -461,6 +635,7 @@ impl Lane {
                     for (shard, p) in positions {
                         self.applied.insert(shard, p);
                     }
+                    self.kafka_applied = Some(through);
                     batch.clear();
                 }
                 Err(ApplyFailure::Stop(s)) => return Err(s),
@@ -476,7 +651,7 @@ impl Lane {
                     let mut before: Vec<Pending> = batch.drain(..culprit).collect();
                     Box::pin(self.flush(&mut before)).await?;
                     self.reject(&p.message, &what).await?;
-                    self.checkpoint_only(&p.shard, p.position).await?;
+                    self.checkpoint_only(&p.shard, p.position, p.offset).await?;
                 }
             }
         }
@@ -489,6 +664,9 @@ impl Lane {
         let mut stalled_since: Option<Instant> = None;
         let keep = self.env.cfg.apply.snapshot_conflict == Conflict::Keep;
         loop {
+            if self.target.unverified() {
+                self.verify_target().await.map_err(ApplyFailure::Stop)?;
+            }
             let result = self.target.exec(ops).await;
             let error = match result {
                 Ok(results) => {
@@ -753,13 +931,22 @@ impl Lane {
             .collect();
         for &q in &partitions {
             let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
-            let mut fields = if rewrites {
+            let Checkpoint {
+                positions: mut fields,
+                kafka_offset,
+                ..
+            } = if rewrites {
                 self.read_checkpoint(key.clone()).await?
             } else {
-                Vec::new()
+                Checkpoint::default()
             };
             fields.retain(|(s, _)| s != shard);
             fields.push((shard.to_owned(), position));
+            let kafka_offset = if q == self.partition {
+                Some(message.offset())
+            } else {
+                kafka_offset
+            };
             for &other in &swapped_to {
                 // The hash that SWAPDB carried away from the checkpoint db.
                 ops.push(Op {
@@ -767,7 +954,7 @@ impl Lane {
                     args: vec![b("DEL"), key.clone()],
                 });
             }
-            ops.push(self.checkpoint_op(key, &fields));
+            ops.push(self.checkpoint_op(key, &fields, kafka_offset));
         }
         match self.apply(&ops).await {
             Ok(()) => {}
@@ -780,7 +967,7 @@ impl Lane {
                 let mut ops = Vec::new();
                 for &q in &partitions {
                     let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
-                    ops.push(self.checkpoint_op(key, &[(shard.to_owned(), position)]));
+                    ops.push(self.checkpoint_op(key, &[(shard.to_owned(), position)], None));
                 }
                 self.apply(&ops).await.map_err(|_| self.halt(&what))?;
             }
@@ -895,7 +1082,16 @@ pub async fn run(
     }
 }
 
-/// Marks a committed offset (used by `LaneEnv::commit`).
+/// Runs a blocking consumer call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// Marks a committed offset (used by `Partitions::commit`).
 pub fn store_offset<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
     consumer: &C,
     topic: &str,

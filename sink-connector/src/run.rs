@@ -112,6 +112,36 @@ impl ConsumerContext for Context {
     }
 }
 
+/// The lanes' view of the consumer: offsets to commit, watermarks and seeks.
+struct ConsumerPartitions {
+    consumer: Arc<StreamConsumer<Context>>,
+    topic: String,
+}
+
+impl lane::Partitions for ConsumerPartitions {
+    fn commit(&self, partition: i32, offset: i64) {
+        lane::store_offset(&*self.consumer, &self.topic, partition, offset)
+    }
+
+    fn low_watermark(&self, partition: i32) -> Result<i64, String> {
+        self.consumer
+            .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
+            .map(|(low, _)| low)
+            .map_err(|e| e.to_string())
+    }
+
+    fn seek(&self, partition: i32, offset: i64) -> Result<(), String> {
+        self.consumer
+            .seek(
+                &self.topic,
+                partition,
+                rdkafka::Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Partitions of `topic`, waiting (with a log line every 10 s) until it exists.
 fn wait_for_topic(
     client: &rdkafka::ClientConfig,
@@ -199,15 +229,14 @@ pub async fn run(
         ),
         None => None,
     };
-    let committer = Arc::clone(&consumer);
-    let commit_topic = topic.clone();
     let env = LaneEnv {
         cfg: Arc::clone(&cfg),
         topic: topic.clone(),
         health: health.clone(),
         dead_letter,
-        commit: Arc::new(move |partition, offset| {
-            lane::store_offset(&*committer, &commit_topic, partition, offset)
+        partitions: Arc::new(ConsumerPartitions {
+            consumer: Arc::clone(&consumer),
+            topic: topic.clone(),
         }),
     };
     let mut tasks = Vec::new();

@@ -83,6 +83,11 @@ pub struct Target {
     pub restore_max_version: u32,
     /// The target's `databases` setting, when it lets us read it.
     pub databases: Option<u32>,
+    /// Connections made so far; a new one after the first may reach a target that lost writes.
+    connections: u64,
+    /// Set when a reconnection happened: `exec` refuses to write until the lane has compared
+    /// the target's checkpoint with what it applied and cleared this (`verified`).
+    unverified: bool,
 }
 
 impl std::fmt::Debug for Target {
@@ -134,6 +139,8 @@ impl Target {
             address: service::config::redact_url(&cfg.redis.url),
             restore_max_version: 0,
             databases: None,
+            connections: 0,
+            unverified: false,
         })
     }
 
@@ -202,6 +209,10 @@ impl Target {
             .and_then(|v| v.get(1).and_then(|n| n.parse().ok()));
         self.current_db = self.client.get_connection_info().redis.db.try_into().ok();
         self.conn = Some(conn.clone());
+        self.connections += 1;
+        if self.connections > 1 {
+            self.unverified = true;
+        }
         Ok(conn)
     }
 
@@ -231,10 +242,28 @@ impl Target {
         }
     }
 
+    /// Whether the connection is new and nothing was written on it yet: the target may have
+    /// restarted or failed over and lost writes (see `Lane::verify_target`).
+    pub fn unverified(&self) -> bool {
+        self.unverified
+    }
+
+    /// The lane checked the target's checkpoint on this connection: writes may go on.
+    pub fn verified(&mut self) {
+        self.unverified = false;
+    }
+
     /// Applies `ops` atomically: `MULTI`, each op (with `SELECT` where its db changes), `EXEC`.
     /// Returns the EXEC results, one per op (runtime errors of single commands included).
+    /// Refused (transient `RECONNECTED`) on a new connection that the lane has not verified.
     pub async fn exec(&mut self, ops: &[Op]) -> Result<Vec<Value>, ApplyError> {
         let mut conn = self.conn().await?;
+        if self.unverified {
+            return Err(ApplyError::Transient {
+                code: "RECONNECTED".into(),
+                message: format!("target {}: new connection not verified yet", self.address),
+            });
+        }
         let mut pipe = redis::pipe();
         pipe.cmd("MULTI");
         // Index in the EXEC result of each op (SELECTs are results too).
