@@ -20,6 +20,11 @@ pub struct Options {
     pub sink_apply: String,
     /// Extra TOML lines for the source's `[snapshot]` table.
     pub source_snapshot: String,
+    /// ACL user and password the source connector authenticates with (default: the server's
+    /// default user).
+    pub source_user: Option<(String, String)>,
+    /// ACL user and password the sink connector authenticates with on the target.
+    pub target_user: Option<(String, String)>,
 }
 
 impl Default for Options {
@@ -31,6 +36,8 @@ impl Default for Options {
             storage: Storage::Memory,
             sink_apply: String::new(),
             source_snapshot: String::new(),
+            source_user: None,
+            target_user: None,
         }
     }
 }
@@ -64,12 +71,22 @@ impl Pipeline {
         let topic = random_topic("pipeline");
         let source_connector = Connector::start(
             Kind::Source,
-            &source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+            &source_config(
+                &connector_url(&source, &options.source_user),
+                &broker.bootstrap(),
+                &topic,
+                &options,
+            ),
             &[],
         )?;
         let sink = Connector::start(
             Kind::Sink,
-            &sink_config(&target.url(), &broker.bootstrap(), &topic, &options),
+            &sink_config(
+                &connector_url(&target, &options.target_user),
+                &broker.bootstrap(),
+                &topic,
+                &options,
+            ),
             &[],
         )?;
         Ok(Pipeline {
@@ -88,7 +105,7 @@ impl Pipeline {
         Connector::start(
             Kind::Sink,
             &sink_config(
-                &self.target.url(),
+                &connector_url(&self.target, &self.options.target_user),
                 &self.broker.bootstrap(),
                 &self.topic,
                 &self.options,
@@ -156,6 +173,14 @@ fn tail(s: &str, n: usize) -> &str {
         start += 1;
     }
     &s[start..]
+}
+
+/// The URL a connector uses: the server's, or with an ACL user's credentials.
+fn connector_url(server: &RedisServer, user: &Option<(String, String)>) -> String {
+    match user {
+        Some((name, password)) => format!("redis://{name}:{password}@{}", server.addr()),
+        None => server.url(),
+    }
 }
 
 pub fn source_config(redis_url: &str, bootstrap: &str, topic: &str, o: &Options) -> String {

@@ -115,7 +115,33 @@ fn standalone_to_standalone_every_type() {
     let report = p.wait_equal(Duration::from_secs(120)).unwrap();
     assert!(report.compared > 300);
     live_writes(&mut p.source.conn());
-    p.wait_equal(Duration::from_secs(60)).unwrap();
+    // The runbook's cut-over check: once every lane reports a caught-up offset at or past the
+    // source's offset after the last write, the target holds everything, with no further wait.
+    let cut_over: f64 = p
+        .source
+        .info_field("replication", "master_repl_offset")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for partition in 0..p.options.partitions {
+        let partition = partition.to_string();
+        loop {
+            let caught_up = p
+                .sink
+                .metric("sink_caught_up_repl_offset", &[("partition", &partition)]);
+            if caught_up.is_some_and(|o| o >= cut_over) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "partition {partition} caught up only to {caught_up:?}, not {cut_over}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let report = p.compare().unwrap();
+    assert!(report.is_equal(), "caught up but not equal:\n{report}");
     // The function arrived too.
     let libs: redis::Value = redis::cmd("FUNCTION")
         .arg("LIST")
@@ -449,4 +475,75 @@ fn barriers_across_two_sink_processes() {
         barriers >= 16.0,
         "every partition saw the broadcast barriers: {barriers}"
     );
+}
+
+/// The rules of an ACL user in docs/security.md (`ACL SETUSER <user> on >PASSWORD <rules…>`).
+fn documented_acl(user: &str) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md");
+    let doc = std::fs::read_to_string(path).unwrap();
+    let prefix = format!("ACL SETUSER {user} on >");
+    let line = doc
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("docs/security.md has no `{prefix}` line"));
+    line.split_whitespace()
+        .skip(5)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Both connectors run as the least-privilege ACL users docs/security.md documents, through every
+/// data type, transactions, scripts, functions, flushes and SWAPDB.
+#[test]
+fn least_privilege_acl_users_on_both_sides() {
+    let user = |name: &str, password: &str| (name.to_string(), password.to_string());
+    let source = harness::redis::RedisServer::start(RedisConfig {
+        acl_users: vec![(
+            "redis-repl-source".into(),
+            "source-secret".into(),
+            documented_acl("redis-repl-source"),
+        )],
+        ..RedisConfig::default()
+    })
+    .unwrap();
+    load_sample(&mut source.conn());
+    let target = harness::redis::RedisServer::start(RedisConfig {
+        acl_users: vec![(
+            "redis-repl-sink".into(),
+            "sink-secret".into(),
+            documented_acl("redis-repl-sink"),
+        )],
+        ..RedisConfig::default().with("maxmemory-policy", "noeviction")
+    })
+    .unwrap();
+    let p = Pipeline::start_with(
+        source,
+        target,
+        Options {
+            source_user: Some(user("redis-repl-source", "source-secret")),
+            target_user: Some(user("redis-repl-sink", "sink-secret")),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    p.wait_equal(Duration::from_secs(120)).unwrap();
+    live_writes(&mut p.source.conn());
+    exec(&mut p.source.conn(), &[b"PUBLISH", b"news", b"hello"]);
+    exec(&mut p.source.conn(), &[b"SET", b"after-publish", b"1"]);
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+    assert_eq!(p.sink.metric("sink_lane_halted", &[]), Some(0.0));
+
+    // The source user really cannot touch data.
+    let url = format!(
+        "redis://redis-repl-source:source-secret@{}",
+        p.source.addr()
+    );
+    let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let denied: redis::RedisResult<Option<String>> = redis::cmd("GET").arg("int").query(&mut conn);
+    let error = denied.unwrap_err();
+    assert_eq!(error.code(), Some("NOPERM"), "{error}");
+    // Secrets never reach the logs.
+    for log in [p.source_connector.log(), p.sink.log()] {
+        assert!(!log.contains("source-secret") && !log.contains("sink-secret"));
+    }
 }
