@@ -14,7 +14,7 @@ bench:  ## decoder benchmark script (figures go to docs/benchmarks.md)
 bench-pipeline: ## snapshot and apply against a native replica and redis-benchmark
 	scripts/bench-pipeline.sh
 fuzz:   ## fuzz the rdb and resp decoders (needs cargo-fuzz and nightly)
-	cd source-connector && cargo +nightly fuzz run rdb -- -runs=10000000 && cargo +nightly fuzz run resp -- -runs=10000000
+	cd source-connector && cargo +nightly fuzz run -s none rdb -- -runs=10000000 && cargo +nightly fuzz run -s none resp -- -runs=10000000
 lint:   ## formatting and clippy, as CI checks them
 	cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
 fmt:

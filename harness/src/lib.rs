@@ -22,6 +22,7 @@ pub mod fake_master;
 pub mod pipeline;
 pub mod ports;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 
 use std::time::{Duration, Instant};

@@ -4,6 +4,7 @@
 use crate::broker::{random_topic, Broker, Storage};
 use crate::connector::{Connector, Kind};
 use crate::dataset::{self, CompareOptions, Report};
+use crate::proxy::FaultProxy;
 use crate::redis::{RedisConfig, RedisServer};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,12 @@ pub struct Options {
     pub source_user: Option<(String, String)>,
     /// ACL user and password the sink connector authenticates with on the target.
     pub target_user: Option<(String, String)>,
+    /// Put a fault-injecting proxy between the source connector and the source Redis
+    /// (`Pipeline::source_proxy`), and between the sink and the target (`target_proxy`).
+    pub proxies: bool,
+    /// Environment overrides for the source connector (`SOURCE_…`) and the sink (`SINK_…`).
+    pub source_env: Vec<(String, String)>,
+    pub sink_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -38,6 +45,9 @@ impl Default for Options {
             source_snapshot: String::new(),
             source_user: None,
             target_user: None,
+            proxies: false,
+            source_env: Vec::new(),
+            sink_env: Vec::new(),
         }
     }
 }
@@ -51,6 +61,10 @@ pub struct Pipeline {
     pub source_connector: Connector,
     pub sink: Connector,
     pub options: Options,
+    /// With `Options::proxies`: the source connector reaches the source through this.
+    pub source_proxy: Option<FaultProxy>,
+    /// With `Options::proxies`: the sink reaches the target through this.
+    pub target_proxy: Option<FaultProxy>,
 }
 
 impl Pipeline {
@@ -69,25 +83,33 @@ impl Pipeline {
     ) -> anyhow::Result<Pipeline> {
         let broker = Broker::start(options.storage)?;
         let topic = random_topic("pipeline");
+        let proxy = |server: &RedisServer| -> anyhow::Result<Option<FaultProxy>> {
+            Ok(match options.proxies {
+                true => Some(FaultProxy::start(&server.addr())?),
+                false => None,
+            })
+        };
+        let source_proxy = proxy(&source)?;
+        let target_proxy = proxy(&target)?;
         let source_connector = Connector::start(
             Kind::Source,
             &source_config(
-                &connector_url(&source, &options.source_user),
+                &connector_url(&source, &options.source_user, &source_proxy),
                 &broker.bootstrap(),
                 &topic,
                 &options,
             ),
-            &[],
+            &env_pairs(&options.source_env),
         )?;
         let sink = Connector::start(
             Kind::Sink,
             &sink_config(
-                &connector_url(&target, &options.target_user),
+                &connector_url(&target, &options.target_user, &target_proxy),
                 &broker.bootstrap(),
                 &topic,
                 &options,
             ),
-            &[],
+            &env_pairs(&options.sink_env),
         )?;
         Ok(Pipeline {
             source,
@@ -97,6 +119,8 @@ impl Pipeline {
             source_connector,
             sink,
             options,
+            source_proxy,
+            target_proxy,
         })
     }
 
@@ -105,7 +129,7 @@ impl Pipeline {
         Connector::start(
             Kind::Sink,
             &sink_config(
-                &connector_url(&self.target, &self.options.target_user),
+                &connector_url(&self.target, &self.options.target_user, &self.target_proxy),
                 &self.broker.bootstrap(),
                 &self.topic,
                 &self.options,
@@ -175,11 +199,24 @@ fn tail(s: &str, n: usize) -> &str {
     &s[start..]
 }
 
-/// The URL a connector uses: the server's, or with an ACL user's credentials.
-fn connector_url(server: &RedisServer, user: &Option<(String, String)>) -> String {
-    match user {
-        Some((name, password)) => format!("redis://{name}:{password}@{}", server.addr()),
-        None => server.url(),
+fn env_pairs(vars: &[(String, String)]) -> Vec<(&str, &str)> {
+    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// The URL a connector uses: the server's (or its proxy's) address, with an ACL user's
+/// credentials or the server's password.
+fn connector_url(
+    server: &RedisServer,
+    user: &Option<(String, String)>,
+    proxy: &Option<FaultProxy>,
+) -> String {
+    let addr = proxy
+        .as_ref()
+        .map_or_else(|| server.addr(), FaultProxy::addr);
+    match (user, server.password()) {
+        (Some((name, password)), _) => format!("redis://{name}:{password}@{addr}"),
+        (None, Some(password)) => format!("redis://:{password}@{addr}"),
+        (None, None) => format!("redis://{addr}"),
     }
 }
 

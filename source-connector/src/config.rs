@@ -33,6 +33,11 @@ pub struct RedisConfig {
     /// Longest wait between reconnection attempts, in seconds.
     #[serde(default = "default_max_backoff_s")]
     pub max_backoff_s: u64,
+    /// Seconds without a byte from the master (which pings every `repl-ping-replica-period`,
+    /// 10 s by default) before the link counts as dead and is reconnected: Redis's own
+    /// `repl-timeout`. Also bounds silences during the RDB transfer.
+    #[serde(default = "default_repl_timeout_s")]
+    pub repl_timeout_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -110,6 +115,9 @@ fn default_timeout_s() -> u64 {
 }
 fn default_max_backoff_s() -> u64 {
     30
+}
+fn default_repl_timeout_s() -> u64 {
+    60
 }
 fn default_compression() -> String {
     "lz4".into()

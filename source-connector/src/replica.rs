@@ -355,7 +355,7 @@ async fn full_sync(
             Ok(None) => {
                 let skip = transfer::skip_newlines(&conn.buf);
                 conn.buf.drain(..skip);
-                conn.fill(Duration::from_secs(cfg.redis.timeout_s.max(60)))
+                conn.fill(Duration::from_secs(cfg.redis.repl_timeout_s))
                     .await?;
             }
             Err(e) => return Err(LinkError::Transient(format!("source {address}: {e}"))),
@@ -456,7 +456,7 @@ async fn full_sync(
                 "shutdown during the snapshot; it restarts on the next run".into(),
             ));
         }
-        conn.fill(Duration::from_secs(cfg.redis.timeout_s.max(60)))
+        conn.fill(Duration::from_secs(cfg.redis.repl_timeout_s))
             .await?;
     }
     gauge!("source_snapshot_bytes", "shard" => shard.clone()).set(received as f64);
@@ -522,8 +522,11 @@ async fn stream(
     let mut chunk = vec![0u8; READ_CHUNK];
     let mut saved: Option<Mark> = None;
     let epoch = builder.epoch();
+    let silence_limit = Duration::from_secs(shared.config.redis.repl_timeout_s);
+    let mut last_received = Instant::now();
     let result: Result<(), LinkError> = 'session: loop {
         // Publish every complete command.
+        let publishing = Instant::now();
         loop {
             let cmd = match decoder.next_command() {
                 Ok(Some(c)) => c,
@@ -541,13 +544,28 @@ async fn stream(
                 publisher.publish(out).await?;
             }
         }
+        if publishing.elapsed() > Duration::from_millis(500) {
+            // Waiting on Kafka is not silence from the master: we were not reading.
+            last_received = Instant::now();
+        }
         tokio::select! {
             r = rd.read(&mut chunk) => match r {
                 Ok(0) => break Err(LinkError::Transient(format!("source {address}: connection closed by the master"))),
-                Ok(n) => decoder.feed(&chunk[..n]),
+                Ok(n) => {
+                    last_received = Instant::now();
+                    decoder.feed(&chunk[..n]);
+                }
                 Err(e) => break Err(LinkError::Transient(format!("source {address}: read failed: {e}"))),
             },
             _ = tick.tick() => {
+                if last_received.elapsed() > silence_limit {
+                    // A half-open link: the master pings every repl-ping-replica-period, so
+                    // silence this long means the connection is dead without a reset.
+                    break Err(LinkError::Transient(format!(
+                        "source {address}: nothing received for {:?} (redis.repl_timeout_s); the link is dead, reconnecting",
+                        last_received.elapsed()
+                    )));
+                }
                 if let Some(hb) = builder.heartbeat() {
                     publisher.publish(hb).await?;
                 }

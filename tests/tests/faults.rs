@@ -324,3 +324,118 @@ fn target_losing_applied_writes_is_replayed_from_its_checkpoints() {
     let again = p.sink.metric("sink_rewinds_total", &[]).unwrap_or(0.0);
     assert!(again > rewinds, "rewinds {again}");
 }
+
+/// Network faults between each connector and Redis, through the harness's fault-injecting TCP
+/// proxy, while counters, lists and appends are written: added latency, connections cut at random
+/// moments, and half-open links that stop answering without a reset. The target ends equal
+/// (nothing lost, nothing applied twice); the source resumes every time with PSYNC.
+#[test]
+fn network_faults_between_connectors_and_redis() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    let p = Pipeline::start(Options {
+        proxies: true,
+        // The master pings its replicas every second, so 5 s of silence means a dead link.
+        source: RedisConfig::default().with("repl-ping-replica-period", "1"),
+        source_env: env("SOURCE_REDIS__REPL_TIMEOUT_S", "5"),
+        // Replies may take 6 × timeout_s: a silent target is noticed after 6 s.
+        sink_env: env("SINK_REDIS__TIMEOUT_S", "1"),
+        ..Options::default()
+    })
+    .unwrap();
+    p.wait_running().unwrap();
+    let source_proxy = p.source_proxy.as_ref().unwrap();
+    let target_proxy = p.target_proxy.as_ref().unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = std::sync::Arc::clone(&stop);
+        let url = p.source.url();
+        std::thread::spawn(move || {
+            let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut writes = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let i = writes;
+                exec(&mut conn, &[b"INCR", format!("c:{}", i % 50).as_bytes()]);
+                let item = i.to_string();
+                exec(
+                    &mut conn,
+                    &[
+                        b"RPUSH",
+                        format!("l:{}", i % 20).as_bytes(),
+                        item.as_bytes(),
+                    ],
+                );
+                exec(&mut conn, &[b"APPEND", b"log", item.as_bytes()]);
+                writes += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            writes
+        })
+    };
+
+    eprintln!("latency 50 ms on both links");
+    source_proxy.set_latency(Duration::from_millis(50));
+    target_proxy.set_latency(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_secs(3));
+    source_proxy.set_latency(Duration::ZERO);
+    target_proxy.set_latency(Duration::ZERO);
+
+    for round in 0..3 {
+        let wait = Duration::from_millis(rng.random_range(500..2500));
+        std::thread::sleep(wait);
+        eprintln!("round {round}: cutting both links after {wait:?}");
+        source_proxy.drop_connections();
+        target_proxy.drop_connections();
+    }
+    // The source must be streaming again before its link goes half-open: give the reconnection
+    // (backoff of at most 2.5 s after three quick failures) time, then check.
+    std::thread::sleep(Duration::from_secs(3));
+    harness::wait_for("the source link to be up", Duration::from_secs(60), || {
+        let up = p.source_connector.metric("source_link_up", &[])?;
+        (up == 1.0).then_some(())
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let partial_before = p
+        .source_connector
+        .metric("source_partial_syncs_total", &[])
+        .unwrap_or(0.0);
+
+    eprintln!("half-open source link for 9 s");
+    source_proxy.set_blackhole(true);
+    std::thread::sleep(Duration::from_secs(9));
+    source_proxy.set_blackhole(false);
+    harness::wait_for("the source link to resume", Duration::from_secs(60), || {
+        let partial = p
+            .source_connector
+            .metric("source_partial_syncs_total", &[])?;
+        (partial > partial_before).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.source_connector.log()));
+
+    eprintln!("half-open target link for 10 s");
+    target_proxy.set_blackhole(true);
+    std::thread::sleep(Duration::from_secs(10));
+    target_proxy.set_blackhole(false);
+    std::thread::sleep(Duration::from_secs(2));
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+    eprintln!("{writes} rounds of writes");
+    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let metric = |c: &harness::connector::Connector, name: &str| c.metric(name, &[]).unwrap_or(0.0);
+    assert_eq!(metric(&p.source_connector, "source_full_syncs_total"), 1.0);
+    assert!(metric(&p.source_connector, "source_partial_syncs_total") >= 2.0);
+    assert!(
+        p.source_connector.log().contains("the link is dead"),
+        "the half-open source link was not detected as such:\n{}",
+        p.source_connector.log()
+    );
+    let retries = p
+        .sink
+        .metric("sink_retries_total", &[("code", "CONNECTION")])
+        .unwrap_or(0.0);
+    assert!(retries > 0.0, "the sink never saw its link fail");
+    assert!(writes > 500, "the workload ran ({writes} rounds)");
+}

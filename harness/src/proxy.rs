@@ -1,0 +1,219 @@
+//! A fault-injecting TCP proxy on 127.0.0.1, put between a connector and Redis: added latency,
+//! dropped connections, and a half-open mode where connections stay up but nothing gets through
+//! in either direction (as when a network path dies without a reset).
+
+use crate::ports::free_port;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+struct State {
+    latency_ms: AtomicU64,
+    /// Half-open: bytes are read and thrown away, nothing is forwarded, nothing is closed.
+    blackhole: AtomicBool,
+    /// Bumped to cut every open connection.
+    generation: AtomicU64,
+    /// New connections are refused (accepted and closed at once).
+    refuse: AtomicBool,
+    stopped: AtomicBool,
+    connections: AtomicU64,
+}
+
+/// A running proxy; stops when dropped.
+#[derive(Debug)]
+pub struct FaultProxy {
+    port: u16,
+    upstream: String,
+    state: Arc<State>,
+}
+
+impl FaultProxy {
+    /// Listens on a free port and forwards every connection to `upstream` (`host:port`).
+    pub fn start(upstream: &str) -> anyhow::Result<FaultProxy> {
+        let port = free_port();
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        listener.set_nonblocking(true)?;
+        let state = Arc::new(State::default());
+        let accept_state = Arc::clone(&state);
+        let target = upstream.to_string();
+        std::thread::Builder::new()
+            .name(format!("proxy-{port}"))
+            .spawn(move || accept_loop(listener, &target, accept_state))?;
+        Ok(FaultProxy {
+            port,
+            upstream: upstream.to_string(),
+            state,
+        })
+    }
+
+    /// `127.0.0.1:<port>` to give the client instead of the upstream address.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn upstream(&self) -> &str {
+        &self.upstream
+    }
+
+    /// Delay added to every chunk forwarded, in each direction.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state
+            .latency_ms
+            .store(latency.as_millis() as u64, SeqCst);
+    }
+
+    /// Half-open mode on or off: connections stay established but nothing is forwarded.
+    pub fn set_blackhole(&self, on: bool) {
+        self.state.blackhole.store(on, SeqCst);
+    }
+
+    /// Refuse (accept and close at once) new connections, or accept them again.
+    pub fn set_refuse(&self, on: bool) {
+        self.state.refuse.store(on, SeqCst);
+    }
+
+    /// Cuts every open connection (both sides see the close).
+    pub fn drop_connections(&self) {
+        self.state.generation.fetch_add(1, SeqCst);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.state.stopped.store(true, SeqCst);
+        self.drop_connections();
+    }
+}
+
+fn accept_loop(listener: TcpListener, upstream: &str, state: Arc<State>) {
+    while !state.stopped.load(SeqCst) {
+        match listener.accept() {
+            Ok((client, _)) => {
+                if state.refuse.load(SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                state.connections.fetch_add(1, SeqCst);
+                let generation = state.generation.load(SeqCst);
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    let state = Arc::clone(&state);
+                    let _ = std::thread::Builder::new()
+                        .name("proxy-pipe".into())
+                        .spawn(move || pipe(from, to, &state, generation));
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// Copies `from` to `to` until either side closes or the connection generation changes.
+fn pipe(mut from: TcpStream, mut to: TcpStream, state: &State, generation: u64) {
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    let _ = from.set_nonblocking(false);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if state.generation.load(SeqCst) != generation {
+            break;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => break,
+        };
+        if state.blackhole.load(SeqCst) {
+            continue;
+        }
+        let latency = state.latency_ms.load(SeqCst);
+        if latency > 0 {
+            std::thread::sleep(Duration::from_millis(latency));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn echo_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn roundtrip(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+        s.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf)?;
+        Ok(buf.to_vec())
+    }
+
+    #[test]
+    fn forwards_blackholes_and_cuts() {
+        let proxy = FaultProxy::start(&echo_server()).unwrap();
+        let mut s = TcpStream::connect(proxy.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        assert_eq!(roundtrip(&mut s).unwrap(), b"ping");
+
+        proxy.set_blackhole(true);
+        assert!(
+            roundtrip(&mut s).is_err(),
+            "nothing gets through a half-open link"
+        );
+        proxy.set_blackhole(false);
+
+        proxy.set_latency(Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let mut s2 = TcpStream::connect(proxy.addr()).unwrap();
+        s2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(roundtrip(&mut s2).unwrap(), b"ping");
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        proxy.set_latency(Duration::ZERO);
+
+        proxy.drop_connections();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut buf = [0u8; 4];
+        assert!(
+            matches!(s2.read(&mut buf), Ok(0) | Err(_)),
+            "cut connections close"
+        );
+        assert_eq!(proxy.connections(), 2);
+    }
+}
