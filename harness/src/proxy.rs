@@ -20,13 +20,14 @@ struct State {
     refuse: AtomicBool,
     stopped: AtomicBool,
     connections: AtomicU64,
+    /// Where new connections go (`host:port`); existing ones keep their upstream.
+    upstream: std::sync::Mutex<String>,
 }
 
 /// A running proxy; stops when dropped.
 #[derive(Debug)]
 pub struct FaultProxy {
     port: u16,
-    upstream: String,
     state: Arc<State>,
 }
 
@@ -36,17 +37,15 @@ impl FaultProxy {
         let port = free_port();
         let listener = TcpListener::bind(("127.0.0.1", port))?;
         listener.set_nonblocking(true)?;
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            upstream: std::sync::Mutex::new(upstream.to_string()),
+            ..State::default()
+        });
         let accept_state = Arc::clone(&state);
-        let target = upstream.to_string();
         std::thread::Builder::new()
             .name(format!("proxy-{port}"))
-            .spawn(move || accept_loop(listener, &target, accept_state))?;
-        Ok(FaultProxy {
-            port,
-            upstream: upstream.to_string(),
-            state,
-        })
+            .spawn(move || accept_loop(listener, accept_state))?;
+        Ok(FaultProxy { port, state })
     }
 
     /// `127.0.0.1:<port>` to give the client instead of the upstream address.
@@ -54,8 +53,13 @@ impl FaultProxy {
         format!("127.0.0.1:{}", self.port)
     }
 
-    pub fn upstream(&self) -> &str {
-        &self.upstream
+    pub fn upstream(&self) -> String {
+        self.state.upstream.lock().unwrap().clone()
+    }
+
+    /// Sends new connections to another upstream (a failover behind a stable address).
+    pub fn set_upstream(&self, upstream: &str) {
+        *self.state.upstream.lock().unwrap() = upstream.to_string();
     }
 
     /// Delay added to every chunk forwarded, in each direction.
@@ -93,7 +97,7 @@ impl Drop for FaultProxy {
     }
 }
 
-fn accept_loop(listener: TcpListener, upstream: &str, state: Arc<State>) {
+fn accept_loop(listener: TcpListener, state: Arc<State>) {
     while !state.stopped.load(SeqCst) {
         match listener.accept() {
             Ok((client, _)) => {
@@ -101,7 +105,8 @@ fn accept_loop(listener: TcpListener, upstream: &str, state: Arc<State>) {
                     drop(client);
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(upstream) else {
+                let upstream = state.upstream.lock().unwrap().clone();
+                let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
                 state.connections.fetch_add(1, SeqCst);

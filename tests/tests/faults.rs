@@ -439,3 +439,127 @@ fn network_faults_between_connectors_and_redis() {
     assert!(retries > 0.0, "the sink never saw its link fail");
     assert!(writes > 500, "the workload ran ({writes} rounds)");
 }
+
+/// The source master fails over to its replica (promotion, the old master follows the new one)
+/// behind a stable address: the connector continues with PSYNC on the new master, without a full
+/// resync, and the target ends equal.
+#[test]
+fn source_failover_to_its_replica_continues_with_psync() {
+    let harness::redis::MasterReplica { master, replica } =
+        harness::redis::MasterReplica::start(RedisConfig::default()).unwrap();
+    let target =
+        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
+    let p = Pipeline::start_with(
+        master,
+        target,
+        Options {
+            proxies: true,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    ordered_writes(&p.source, 1, 2000);
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+    let offset = |s: &RedisServer| s.info_field("replication", "master_repl_offset");
+    harness::wait_for("the replica to catch up", Duration::from_secs(30), || {
+        (offset(&replica) == offset(&p.source)).then_some(())
+    })
+    .unwrap();
+
+    // Promote the replica; the connector's address now leads there.
+    let _: String = replica.cmd(&["REPLICAOF", "NO", "ONE"]).unwrap();
+    let proxy = p.source_proxy.as_ref().unwrap();
+    proxy.set_upstream(&replica.addr());
+    proxy.drop_connections();
+    let new_master = replica.port().to_string();
+    let _: String = p
+        .source
+        .cmd(&["REPLICAOF", "127.0.0.1", &new_master])
+        .unwrap();
+    ordered_writes(&replica, 2, 2000);
+
+    // The old master follows the new one, so comparing it with the target compares the new one.
+    harness::wait_for("the old master to follow", Duration::from_secs(30), || {
+        (p.source.info_field("replication", "master_link_status")? == "up").then_some(())
+    })
+    .unwrap();
+    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let metric = |name: &str| p.source_connector.metric(name, &[]).unwrap_or(0.0);
+    assert_eq!(
+        metric("source_full_syncs_total"),
+        1.0,
+        "{}",
+        p.source_connector.log()
+    );
+    assert!(metric("source_partial_syncs_total") >= 1.0);
+    assert_eq!(
+        replica
+            .info_field("replication", "connected_slaves")
+            .as_deref(),
+        Some("2"),
+        "the new master serves the old one and the connector"
+    );
+}
+
+/// The source's replica output buffer overflows under a write burst while the connector's link
+/// is slow: Redis drops the link, the backlog no longer holds the connector's offset, the next
+/// sync is a full resync under a new epoch, and the target still ends equal.
+#[test]
+fn replica_buffer_overflow_forces_a_full_resync_and_the_target_ends_equal() {
+    let p = Pipeline::start(Options {
+        proxies: true,
+        ..Options::default()
+    })
+    .unwrap();
+    ordered_writes(&p.source, 1, 1000);
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+    p.source
+        .cmd::<()>(&[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "replica 512kb 256kb 1",
+        ])
+        .unwrap();
+    p.source
+        .cmd::<()>(&["CONFIG", "SET", "repl-backlog-size", "16384"])
+        .unwrap();
+    let proxy = p.source_proxy.as_ref().unwrap();
+    proxy.set_latency(Duration::from_millis(300));
+    {
+        // 60 MB: more than the kernel's socket buffers on the slow path can absorb.
+        let mut conn = p.source.conn();
+        let value = vec![b'x'; 4096];
+        for batch in 0..150 {
+            let mut pipe = redis::pipe();
+            for i in 0..100 {
+                pipe.cmd("SET")
+                    .arg(format!("burst:{batch}:{i}"))
+                    .arg(&value)
+                    .ignore();
+            }
+            pipe.query::<()>(&mut conn).unwrap();
+        }
+    }
+    ordered_writes(&p.source, 2, 1000);
+    harness::wait_for(
+        "the master to drop the slow link",
+        Duration::from_secs(60),
+        || {
+            let errors = p
+                .source_connector
+                .metric("source_link_errors_total", &[("kind", "transient")])?;
+            (errors >= 1.0).then_some(())
+        },
+    )
+    .unwrap();
+    proxy.set_latency(Duration::ZERO);
+    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let metric = |name: &str| p.source_connector.metric(name, &[]).unwrap_or(0.0);
+    assert!(
+        metric("source_full_syncs_total") >= 2.0,
+        "{}",
+        p.source_connector.log()
+    );
+    assert!(metric("source_epoch") >= 2.0);
+}
