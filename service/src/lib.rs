@@ -1,6 +1,7 @@
 //! Plumbing both connectors share: configuration loading (TOML file plus environment overrides),
 //! logging, the `/metrics` and `/health` HTTP endpoint, Kafka client settings and shutdown.
 
+pub mod check;
 pub mod config;
 pub mod http;
 pub mod kafka;

@@ -7,6 +7,7 @@
 //! - [`run`]: the consumer group and rebalances;
 //! - [`verify`]: source and target compared key by key.
 
+pub mod check;
 pub mod config;
 pub mod convert;
 pub mod lane;

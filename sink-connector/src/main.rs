@@ -22,6 +22,18 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Check the configuration, the target and the topic before applying.
+    ///
+    /// Connects and authenticates, checks the target's role, maxmemory-policy (noeviction),
+    /// databases against redis.db_map, that a MULTI/EXEC write is accepted (a probe key under
+    /// the checkpoint prefix that expires in 10 s), the topic's partitions, and how many
+    /// partitions already have checkpoints in the target. One line per check; exits non-zero
+    /// when one failed.
+    Check {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Compare the source with the target key by key; exit 0 only when they match.
     ///
     /// Reports keys missing on the target, extra keys and different values or TTLs, with counts
@@ -56,6 +68,10 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Check { config } => {
+            let config = sink_connector::config::Config::load(config.as_deref())?;
+            sink_connector::check::check(&config)
+        }
         Command::Verify {
             config,
             source,

@@ -14,6 +14,7 @@
 //!
 //! `resp`, `rdb`, `commands` and `records` do no I/O: bytes in, values out.
 
+pub mod check;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;

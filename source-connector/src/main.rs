@@ -25,6 +25,18 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Check the configuration, the source and Kafka before replicating, without disturbing them.
+    ///
+    /// Connects and authenticates, checks that the user may run REPLCONF (and PSYNC when ACL
+    /// DRYRUN is allowed), reads the source's version, role and backlog size when INFO is
+    /// allowed, checks the topic's partitions, and says whether a restart from the stored
+    /// checkpoint would continue with PSYNC. Never sends PSYNC. Prints one line per check and
+    /// exits non-zero when one failed.
+    Check {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Print the logical content of an RDB file as JSON.
     ///
     /// Reads any RDB from Redis 2.8 to 8.x and Valkey (format versions 1 to 12), checks its
@@ -61,6 +73,10 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Check { config } => {
+            let config = source_connector::config::Config::load(config.as_deref())?;
+            source_connector::check::check(&config)
+        }
         Command::Run { config } => {
             service::init_logging();
             let config = source_connector::config::Config::load(config.as_deref())?;
