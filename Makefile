@@ -1,5 +1,5 @@
 # Command index. Each target is one line so it reads as a list of what you can do.
-.PHONY: env build test e2e bench bench-pipeline fuzz lint fmt schema run
+.PHONY: env build test e2e bench bench-pipeline fuzz soak reliability lint fmt schema run
 
 env:    ## install redis-server and the test broker (idempotent)
 	scripts/dev-env.sh
@@ -13,6 +13,10 @@ bench:  ## decoder benchmark script (figures go to docs/benchmarks.md)
 	scripts/bench-rdb.sh
 bench-pipeline: ## snapshot and apply against a native replica and redis-benchmark
 	scripts/bench-pipeline.sh
+soak:   ## 10 minutes of mixed workload with random faults, then an exact comparison
+	scripts/soak.sh 10
+reliability: ## the table of docs/reliability.md from the last fault-test runs
+	scripts/reliability-report.sh
 fuzz:   ## fuzz the rdb and resp decoders (needs cargo-fuzz and nightly)
 	cd source-connector && cargo +nightly fuzz run -s none rdb -- -runs=10000000 && cargo +nightly fuzz run -s none resp -- -runs=10000000
 lint:   ## formatting and clippy, as CI checks them

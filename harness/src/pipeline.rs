@@ -52,6 +52,48 @@ impl Default for Options {
     }
 }
 
+/// How the pipeline came back from a fault.
+#[derive(Debug, Clone, Copy)]
+pub struct Recovery {
+    /// From the call to `recover` (right after the fault ended) until source and target were
+    /// equal.
+    pub seconds: f64,
+    /// The largest `sink_lag_seconds` of any lane seen while waiting.
+    pub worst_lag_s: f64,
+}
+
+/// Appends one fault scenario's outcome to `target/reliability.jsonl`, which
+/// `scripts/reliability-report.sh` turns into the table of docs/reliability.md. Lost and
+/// duplicated writes are 0 by construction: the caller only records after an exact comparison.
+pub fn record_reliability(scenario: &str, trials: u32, writes: u64, recovery: Recovery) {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/
+    let Some(target) = exe.ancestors().nth(3) else {
+        return;
+    };
+    let line = serde_json::json!({
+        "scenario": scenario,
+        "trials": trials,
+        "writes": writes,
+        "lost": 0,
+        "duplicated": 0,
+        "worst_lag_s": (recovery.worst_lag_s * 10.0).round() / 10.0,
+        "recovery_s": (recovery.seconds * 10.0).round() / 10.0,
+        "at_unix_s": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    });
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(target.join("reliability.jsonl"))
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
 #[derive(Debug)]
 pub struct Pipeline {
     pub source: RedisServer,
@@ -173,11 +215,33 @@ impl Pipeline {
 
     /// Waits until the target equals the source, or fails with the last differences and logs.
     pub fn wait_equal(&self, timeout: Duration) -> anyhow::Result<Report> {
+        self.wait_equal_measured(timeout).map(|(report, _)| report)
+    }
+
+    /// Waits until the target equals the source after a fault: how long that took, and the
+    /// worst lane lag (`sink_lag_seconds`) seen meanwhile.
+    pub fn recover(&self, timeout: Duration) -> anyhow::Result<Recovery> {
+        self.wait_equal_measured(timeout)
+            .map(|(_, recovery)| recovery)
+    }
+
+    fn wait_equal_measured(&self, timeout: Duration) -> anyhow::Result<(Report, Recovery)> {
         let started = Instant::now();
+        let mut worst_lag_s: f64 = 0.0;
         loop {
+            for p in 0..self.options.partitions {
+                let lag = self
+                    .sink
+                    .metric("sink_lag_seconds", &[("partition", &p.to_string())]);
+                worst_lag_s = worst_lag_s.max(lag.unwrap_or(0.0));
+            }
             let report = self.compare()?;
             if report.is_equal() {
-                return Ok(report);
+                let recovery = Recovery {
+                    seconds: started.elapsed().as_secs_f64(),
+                    worst_lag_s,
+                };
+                return Ok((report, recovery));
             }
             if started.elapsed() > timeout {
                 anyhow::bail!(

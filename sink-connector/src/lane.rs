@@ -339,6 +339,9 @@ impl Lane {
         // The last heartbeat per source shard: once everything before it is applied, this lane
         // holds every write of its slots up to the heartbeat's replication offset.
         let mut heartbeats: HashMap<String, (Position, i64)> = HashMap::new();
+        // The highest position per shard put into a batch during this call (applied since, or
+        // still pending): what a replayed record must exceed.
+        let mut batched: HashMap<String, Position> = HashMap::new();
         let count = messages.len();
         for message in messages {
             if let Some(expected) = self.expect_next {
@@ -356,12 +359,9 @@ impl Lane {
             let content_type = message.headers().and_then(|h| {
                 h.iter()
                     .find(|h| h.key == wire::HEADER_CONTENT_TYPE)
-                    .and_then(|h| h.value.map(<[u8]>::to_vec))
+                    .and_then(|h| h.value)
             });
-            let record = match wire::decode(
-                content_type.as_deref(),
-                message.payload().unwrap_or_default(),
-            ) {
+            let record = match wire::decode(content_type, message.payload().unwrap_or_default()) {
                 Ok(r) => r,
                 Err(e) => {
                     self.flush(&mut batch).await?;
@@ -385,9 +385,7 @@ impl Lane {
                 continue;
             }
             if self.is_applied(&shard, position)
-                || batch
-                    .iter()
-                    .any(|p| p.shard == shard && position <= p.position)
+                || batched.get(&shard).is_some_and(|b| position <= *b)
             {
                 self.skipped_duplicates.increment(1);
                 tracing::trace!(
@@ -478,6 +476,12 @@ impl Lane {
                 ),
                 Body::Heartbeat(_) => unreachable!("handled above"),
             };
+            match batched.get_mut(&shard) {
+                Some(b) => *b = position,
+                None => {
+                    batched.insert(shard.clone(), position);
+                }
+            }
             batch.push(Pending {
                 offset: message.offset(),
                 shard,

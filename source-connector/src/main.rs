@@ -1,5 +1,10 @@
 //! `source-connector`: command-line entry point.
 
+/// mimalloc instead of glibc's malloc: allocation was a quarter of both connectors' CPU time
+/// under load, most of it in glibc's arena locking and consolidation (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use source_connector::{dump, rdb};

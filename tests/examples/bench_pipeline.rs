@@ -176,16 +176,37 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let source_rps = bench(source.port())?;
     let mut max_sink_rss = 0;
+    // Which stage is the bottleneck: when Kafka had acknowledged everything the source wrote,
+    // and when the target had applied it.
+    let written: f64 = source
+        .info_field("replication", "master_repl_offset")
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0.0);
+    let mut published_at = None;
     harness::wait_for(
         "the sink to apply every SET",
         Duration::from_secs(600),
         || {
             max_sink_rss = max_sink_rss.max(rss_mb(sink_pid));
+            if published_at.is_none()
+                && source_connector
+                    .metric("source_offset_acked", &[])
+                    .is_some_and(|o| o >= written)
+            {
+                published_at = Some(started.elapsed());
+            }
             let applied = sink.metric("sink_commands_applied_total", &[])? - before;
             (applied >= sets as f64).then_some(())
         },
     )?;
     let elapsed = started.elapsed();
+    if let Some(at) = published_at {
+        println!(
+            "  source connector: every SET durable in Kafka after {:.2} s ({:.0} SET/s)",
+            at.as_secs_f64(),
+            sets as f64 / at.as_secs_f64()
+        );
+    }
     let ours = sets as f64 / elapsed.as_secs_f64();
     let p99 = sink
         .http_get("/metrics")

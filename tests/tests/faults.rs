@@ -74,7 +74,13 @@ fn full_target_stalls_then_everything_arrives_in_order() {
     p.target
         .cmd::<()>(&["CONFIG", "SET", "maxmemory", "0"])
         .unwrap();
-    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let recovery = p.recover(Duration::from_secs(120)).unwrap();
+    harness::pipeline::record_reliability(
+        "target full (OOM under noeviction) until maxmemory is raised",
+        1,
+        12_000,
+        recovery,
+    );
     assert_eq!(p.sink.metric("sink_lane_stalled", &[]), Some(0.0));
 }
 
@@ -91,7 +97,13 @@ fn target_restart_during_an_oom_stall() {
     p.target
         .cmd::<()>(&["CONFIG", "SET", "maxmemory", "0"])
         .unwrap();
-    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let recovery = p.recover(Duration::from_secs(120)).unwrap();
+    harness::pipeline::record_reliability(
+        "target killed and restarted during an OOM stall",
+        1,
+        12_000,
+        recovery,
+    );
 }
 
 /// kill -9 of the source connector at random points of a large snapshot and of the stream:
@@ -120,7 +132,13 @@ fn source_kill9_during_snapshot_and_streaming() {
         p.source_connector.kill9();
         p.source_connector.restart().unwrap();
     }
-    p.wait_equal(Duration::from_secs(180)).unwrap();
+    let recovery = p.recover(Duration::from_secs(180)).unwrap();
+    harness::pipeline::record_reliability(
+        "kill -9 of the source connector during a 100k-key snapshot",
+        3,
+        100_000,
+        recovery,
+    );
     let full_syncs = |p: &Pipeline| -> u64 {
         p.source
             .info_field("stats", "sync_full")
@@ -138,8 +156,10 @@ fn source_kill9_during_snapshot_and_streaming() {
     let full_before = full_syncs(&p);
     let partial_before = partial(&p);
     let mut conn = p.source.conn();
+    let mut issued = 0u64;
     for round in 0..5 {
         let writes = rng.random_range(100..1000);
+        issued += writes as u64 * 3;
         let started = Instant::now();
         for i in 0..writes {
             let k = i % 11;
@@ -168,7 +188,13 @@ fn source_kill9_during_snapshot_and_streaming() {
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", p.source_connector.log()));
     }
-    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let recovery = p.recover(Duration::from_secs(120)).unwrap();
+    harness::pipeline::record_reliability(
+        "kill -9 of the source connector while streaming",
+        5,
+        issued,
+        recovery,
+    );
     assert_eq!(
         full_syncs(&p),
         full_before,
@@ -260,7 +286,13 @@ fn broker_outage_loses_nothing() {
     .unwrap();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let rounds = writer.join().unwrap();
-    p.wait_equal(Duration::from_secs(180)).unwrap();
+    let recovery = p.recover(Duration::from_secs(180)).unwrap();
+    harness::pipeline::record_reliability(
+        "broker killed for 30 s (sqlite storage) while writes continue",
+        1,
+        rounds * 3,
+        recovery,
+    );
     eprintln!(
         "{} writes during a 30 s broker outage; source connector max RSS {} MB",
         rounds * 3,
@@ -309,7 +341,13 @@ fn target_losing_applied_writes_is_replayed_from_its_checkpoints() {
         "the restart lost the second round"
     );
     ordered_writes(&p.source, 3, 1000);
-    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let recovery = p.recover(Duration::from_secs(120)).unwrap();
+    harness::pipeline::record_reliability(
+        "target restarts from an older RDB (lost its last applied writes)",
+        1,
+        3 * 7000,
+        recovery,
+    );
     let rewinds = p.sink.metric("sink_rewinds_total", &[]).unwrap_or(0.0);
     assert!(rewinds >= 1.0, "rewinds {rewinds}");
 
@@ -320,7 +358,13 @@ fn target_losing_applied_writes_is_replayed_from_its_checkpoints() {
     p.target.restart().unwrap();
     assert_eq!(p.target.cmd::<i64>(&["DBSIZE"]).unwrap(), 0);
     ordered_writes(&p.source, 4, 1000);
-    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let recovery = p.recover(Duration::from_secs(120)).unwrap();
+    harness::pipeline::record_reliability(
+        "target restarts empty (lost everything)",
+        1,
+        3 * 1000,
+        recovery,
+    );
     let again = p.sink.metric("sink_rewinds_total", &[]).unwrap_or(0.0);
     assert!(again > rewinds, "rewinds {again}");
 }
@@ -423,7 +467,13 @@ fn network_faults_between_connectors_and_redis() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let writes = writer.join().unwrap();
     eprintln!("{writes} rounds of writes");
-    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let recovery = p.recover(Duration::from_secs(120)).unwrap();
+    harness::pipeline::record_reliability(
+        "network: 50 ms latency, 3 cuts of both Redis links, half-open source (9 s) and target (10 s) links",
+        1,
+        writes * 3,
+        recovery,
+    );
     let metric = |c: &harness::connector::Connector, name: &str| c.metric(name, &[]).unwrap_or(0.0);
     assert_eq!(metric(&p.source_connector, "source_full_syncs_total"), 1.0);
     assert!(metric(&p.source_connector, "source_partial_syncs_total") >= 2.0);
@@ -483,7 +533,13 @@ fn source_failover_to_its_replica_continues_with_psync() {
         (p.source.info_field("replication", "master_link_status")? == "up").then_some(())
     })
     .unwrap();
-    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let recovery = p.recover(Duration::from_secs(120)).unwrap();
+    harness::pipeline::record_reliability(
+        "source master fails over to its replica",
+        1,
+        3 * 4000,
+        recovery,
+    );
     let metric = |name: &str| p.source_connector.metric(name, &[]).unwrap_or(0.0);
     assert_eq!(
         metric("source_full_syncs_total"),
@@ -554,7 +610,13 @@ fn replica_buffer_overflow_forces_a_full_resync_and_the_target_ends_equal() {
     )
     .unwrap();
     proxy.set_latency(Duration::ZERO);
-    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let recovery = p.recover(Duration::from_secs(120)).unwrap();
+    harness::pipeline::record_reliability(
+        "replica output buffer overflow forces a full resync",
+        1,
+        15_000 + 3 * 2000,
+        recovery,
+    );
     let metric = |name: &str| p.source_connector.metric(name, &[]).unwrap_or(0.0);
     assert!(
         metric("source_full_syncs_total") >= 2.0,

@@ -265,7 +265,14 @@ fn sink_kill9_applies_everything_exactly_once() {
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let writes = writer.join().unwrap();
-    p.wait_equal(Duration::from_secs(120)).unwrap();
+    let recovery = p.recover(Duration::from_secs(120)).unwrap();
+    // Each round: INCR, RPUSH, APPEND, XADD (and a barrier pair every 97th).
+    harness::pipeline::record_reliability(
+        "kill -9 of the sink while streaming, with barriers",
+        kills as u32,
+        writes * 4 + writes / 97 * 2,
+        recovery,
+    );
     skipped += p
         .sink
         .metric("sink_records_skipped_total", &[("reason", "duplicate")])
