@@ -457,7 +457,14 @@ async fn full_sync(
             ));
         }
         conn.fill(Duration::from_secs(cfg.redis.repl_timeout_s))
-            .await?;
+            .await
+            .map_err(|e| match e {
+                LinkError::Transient(m) => LinkError::Transient(format!(
+                    "{m} during the RDB transfer, after {received} of {} bytes",
+                    total.map_or_else(|| "?".to_string(), |t| t.to_string())
+                )),
+                fatal => fatal,
+            })?;
     }
     gauge!("source_snapshot_bytes", "shard" => shard.clone()).set(received as f64);
     gauge!("source_snapshot_keys", "shard" => shard.clone()).set(builder.keys() as f64);
