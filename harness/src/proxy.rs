@@ -14,6 +14,8 @@ struct State {
     latency_ms: AtomicU64,
     /// Half-open: bytes are read and thrown away, nothing is forwarded, nothing is closed.
     blackhole: AtomicBool,
+    /// Only the upstream's replies are thrown away: requests still arrive and run.
+    drop_replies: AtomicBool,
     /// Bumped to cut every open connection.
     generation: AtomicU64,
     /// New connections are refused (accepted and closed at once).
@@ -74,6 +76,12 @@ impl FaultProxy {
         self.state.blackhole.store(on, SeqCst);
     }
 
+    /// Requests still reach the upstream (and run there), but its replies are thrown away: the
+    /// client cannot tell whether what it sent was applied.
+    pub fn set_drop_replies(&self, on: bool) {
+        self.state.drop_replies.store(on, SeqCst);
+    }
+
     /// Refuse (accept and close at once) new connections, or accept them again.
     pub fn set_refuse(&self, on: bool) {
         self.state.refuse.store(on, SeqCst);
@@ -111,14 +119,14 @@ fn accept_loop(listener: TcpListener, state: Arc<State>) {
                 };
                 state.connections.fetch_add(1, SeqCst);
                 let generation = state.generation.load(SeqCst);
-                for (from, to) in [(&client, &server), (&server, &client)] {
+                for (from, to, replies) in [(&client, &server, false), (&server, &client, true)] {
                     let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
                         continue;
                     };
                     let state = Arc::clone(&state);
                     let _ = std::thread::Builder::new()
                         .name("proxy-pipe".into())
-                        .spawn(move || pipe(from, to, &state, generation));
+                        .spawn(move || pipe(from, to, &state, generation, replies));
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -130,7 +138,8 @@ fn accept_loop(listener: TcpListener, state: Arc<State>) {
 }
 
 /// Copies `from` to `to` until either side closes or the connection generation changes.
-fn pipe(mut from: TcpStream, mut to: TcpStream, state: &State, generation: u64) {
+/// `replies`: this direction carries the upstream's replies.
+fn pipe(mut from: TcpStream, mut to: TcpStream, state: &State, generation: u64, replies: bool) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let _ = from.set_nonblocking(false);
     let mut buf = vec![0u8; 64 * 1024];
@@ -144,7 +153,7 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: &State, generation: u64) 
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(_) => break,
         };
-        if state.blackhole.load(SeqCst) {
+        if state.blackhole.load(SeqCst) || (replies && state.drop_replies.load(SeqCst)) {
             continue;
         }
         let latency = state.latency_ms.load(SeqCst);

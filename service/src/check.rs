@@ -10,17 +10,17 @@ pub struct Report {
 
 impl Report {
     pub fn ok(&mut self, what: impl std::fmt::Display) {
-        println!("ok    {what}");
+        println!("ok    {}", line(what));
     }
 
     pub fn warn(&mut self, what: impl std::fmt::Display) {
         self.warnings += 1;
-        println!("warn  {what}");
+        println!("warn  {}", line(what));
     }
 
     pub fn fail(&mut self, what: impl std::fmt::Display) {
         self.failures += 1;
-        println!("FAIL  {what}");
+        println!("FAIL  {}", line(what));
     }
 
     /// `Ok` when nothing failed, else an error counting the failures.
@@ -29,6 +29,22 @@ impl Report {
         anyhow::ensure!(self.failures == 0, "{} check(s) failed", self.failures);
         Ok(())
     }
+}
+
+/// One line per check, whatever the underlying error printed; a reply that does not parse as
+/// RESP gets a hint that something other than Redis answered.
+fn line(what: impl std::fmt::Display) -> String {
+    let text = what.to_string();
+    let mut one = text
+        .split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if one.to_ascii_lowercase().contains("parse error") {
+        one.push_str(" (the server does not speak the Redis protocol: is this the right port?)");
+    }
+    one
 }
 
 /// A field of an `INFO` reply.
@@ -51,6 +67,15 @@ mod tests {
         let mut r = Report::default();
         r.fail("broken");
         assert!(r.finish().is_err());
+    }
+
+    #[test]
+    fn lines_are_single() {
+        assert_eq!(line("a\nb\n"), "a; b");
+        assert!(
+            line("parse error - ParseError: Parse error at 1\nUnexpected `33`")
+                .contains("right port")
+        );
     }
 
     #[test]

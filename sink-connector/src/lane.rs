@@ -271,38 +271,55 @@ impl Lane {
         Ok(())
     }
 
-    /// Called before writing on a new connection to the target: does it still hold what this
-    /// lane applied? A target that restarted without persistence, or failed over to a replica
-    /// that had not received the last writes, comes back with an older checkpoint (or none);
-    /// then the lane rewinds the partition to what the target holds.
+    /// Called before writing on a new connection to the target: is the target where this lane
+    /// thinks it is? Two ways it may not be, both resolved by reloading the checkpoint the target
+    /// holds (the target is the truth) and going on from there:
+    /// - it holds *more*: the connection died after a transaction ran but before its reply came
+    ///   back, so the lane does not know that batch was applied. Retrying it would apply it twice.
+    /// - it holds *less*: it restarted without persistence, or failed over to a replica that had
+    ///   not received the last writes. The lane rewinds and applies them again.
     async fn verify_target(&mut self) -> Result<(), Stop> {
         let stored = self.read_checkpoint(self.key.clone()).await?;
+        self.target.verified();
         let held: HashMap<&str, Position> = stored
             .positions
             .iter()
             .map(|(s, p)| (s.as_str(), *p))
             .collect();
-        let regressed_shard = self
-            .applied
-            .iter()
-            .find(|(shard, p)| held.get(shard.as_str()).is_none_or(|h| h < *p));
-        let lost = match (self.kafka_applied, stored.kafka_offset) {
+        let behind = match (self.kafka_applied, stored.kafka_offset) {
             (Some(applied), Some(held)) => held < applied,
             (Some(_), None) => true,
             (None, _) => false,
-        } || regressed_shard.is_some();
-        self.target.verified();
-        if !lost {
+        } || self
+            .applied
+            .iter()
+            .any(|(shard, p)| held.get(shard.as_str()).is_none_or(|h| h < p));
+        let ahead = match (self.kafka_applied, stored.kafka_offset) {
+            (applied, Some(held)) => applied.is_none_or(|a| held > a),
+            (_, None) => false,
+        } || held
+            .iter()
+            .any(|(shard, h)| self.applied.get(*shard).is_none_or(|p| h > p));
+        if behind {
+            tracing::error!(
+                partition = self.partition,
+                "target {} lost writes this lane had applied (it holds partition offset {:?}, positions {:?}; the lane applied up to offset {:?}): a restart without persistence or a failover to a lagging replica. Rewinding the partition to what the target holds.",
+                self.target.address(),
+                stored.kafka_offset,
+                stored.positions,
+                self.kafka_applied,
+            );
+        } else if ahead {
+            tracing::warn!(
+                partition = self.partition,
+                "target {} holds partition offset {:?} but the lane only knew of {:?}: the last transaction ran although its reply was lost; going on after it",
+                self.target.address(),
+                stored.kafka_offset,
+                self.kafka_applied,
+            );
+        } else {
             return Ok(());
         }
-        tracing::error!(
-            partition = self.partition,
-            "target {} lost writes this lane had applied (it holds partition offset {:?}, the lane applied up to {:?}; shard {:?}): a restart without persistence or a failover to a lagging replica. Rewinding the partition to what the target holds.",
-            self.target.address(),
-            stored.kafka_offset,
-            self.kafka_applied,
-            regressed_shard.map(|(s, p)| format!("{s} applied {p}, held {:?}", held.get(s.as_str())))
-        );
         Err(Stop::Rewind)
     }
 

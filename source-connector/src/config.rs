@@ -259,6 +259,11 @@ impl Config {
             "snapshot.piece_bytes = {} is out of range 1024-67108864",
             self.snapshot.piece_bytes
         );
+        let shard = self.shard_name();
+        anyhow::ensure!(
+            !shard.is_empty() && shard != "kafka:offset" && !shard.starts_with("barrier:"),
+            "redis.shard_name = {shard:?} is reserved (the sink's checkpoint hashes use \"kafka:offset\" and \"barrier:…\" fields)"
+        );
         Ok(())
     }
 

@@ -64,6 +64,10 @@ fn bad_files() {
     assert!(error(&base.replace("partitions = 4", "partitions = 0")).contains("out of range"));
     assert!(error(&base.replace("redis://h:1", "http://h:1")).contains("unknown scheme"));
     assert!(error("[redis\n").contains("invalid configuration"));
+    assert!(
+        error(&base.replace("[redis]\n", "[redis]\nshard_name = \"kafka:offset\"\n"))
+            .contains("reserved")
+    );
     let missing = Config::load(Some(Path::new("/nonexistent/source.toml"))).unwrap_err();
     assert!(missing.to_string().contains("does not exist"));
 }

@@ -79,6 +79,27 @@ fn checks_pass_on_a_running_pipeline_and_name_what_is_wrong() {
         );
     }
 
+    // Something that is not Redis on the port.
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_url = format!("redis://{}", http.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut stream in http.incoming().flatten() {
+            let mut buf = [0u8; 512];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n<html>no</html>\n");
+        }
+    });
+    let (ok, out) = check(
+        Kind::Source,
+        &source_cfg,
+        &[("SOURCE_REDIS__URL", &http_url)],
+    );
+    assert!(!ok);
+    let fails = fail_lines(&out);
+    assert_eq!(fails.len(), 1, "{out}");
+    assert!(fails[0].contains("right port"), "{out}");
+
     // The wrong partition count.
     let (ok, out) = check(
         Kind::Source,

@@ -625,3 +625,70 @@ fn replica_buffer_overflow_forces_a_full_resync_and_the_target_ends_equal() {
     );
     assert!(metric("source_epoch") >= 2.0);
 }
+
+/// The target applies a transaction but its reply never comes back (the link dies between EXEC
+/// and its answer): the sink cannot tell whether the batch ran. After reconnecting it must read
+/// the checkpoint written with the batch and go on after it, not apply the batch a second time.
+/// XADD with the source's explicit IDs and INCR make a second apply visible.
+#[test]
+fn lost_exec_replies_are_not_applied_twice() {
+    let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    let p = Pipeline::start(Options {
+        proxies: true,
+        // Replies may take 6 × timeout_s: a lost reply is given up after 6 s.
+        sink_env: env("SINK_REDIS__TIMEOUT_S", "1"),
+        ..Options::default()
+    })
+    .unwrap();
+    p.wait_running().unwrap();
+    let proxy = p.target_proxy.as_ref().unwrap();
+    let mut written = 0u64;
+    for round in 0..3 {
+        let mut conn = p.source.conn();
+        for i in 0..300 {
+            let n = format!("{round}-{i}");
+            exec(&mut conn, &[b"INCR", format!("c:{}", i % 7).as_bytes()]);
+            exec(
+                &mut conn,
+                &[
+                    b"XADD",
+                    format!("s:{}", i % 5).as_bytes(),
+                    b"*",
+                    b"n",
+                    n.as_bytes(),
+                ],
+            );
+            exec(
+                &mut conn,
+                &[b"RPUSH", format!("l:{}", i % 3).as_bytes(), n.as_bytes()],
+            );
+            written += 3;
+            if i == 100 {
+                proxy.set_drop_replies(true);
+            }
+        }
+        // Replies stay lost long enough for the sink to give up on them.
+        std::thread::sleep(Duration::from_secs(7));
+        proxy.set_drop_replies(false);
+        p.wait_equal(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    let recovery = p.recover(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        p.sink.metric("sink_lane_halted", &[]),
+        Some(0.0),
+        "{}",
+        p.sink.log()
+    );
+    let retries = p
+        .sink
+        .metric("sink_retries_total", &[("code", "CONNECTION")])
+        .unwrap_or(0.0);
+    assert!(retries > 0.0, "no reply was lost: the test proved nothing");
+    harness::pipeline::record_reliability(
+        "target replies lost after EXEC ran (3 times)",
+        3,
+        written,
+        recovery,
+    );
+}

@@ -554,3 +554,46 @@ fn least_privilege_acl_users_on_both_sides() {
         assert!(!log.contains("source-secret") && !log.contains("sink-secret"));
     }
 }
+
+/// A single command bigger than the topic accepts (and that cannot be split, like APPEND): the
+/// source connector stops with an error naming its position instead of dropping it or looping.
+#[test]
+fn oversized_command_stops_the_source_with_its_position() {
+    let env = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let mut p = Pipeline::start(Options {
+        source_env: vec![
+            env("SOURCE_KAFKA__MAX_MESSAGE_BYTES", "200000"),
+            env("SOURCE_SNAPSHOT__PIECE_BYTES", "131072"),
+        ],
+        ..Options::default()
+    })
+    .unwrap();
+    p.wait_running().unwrap();
+    exec(&mut p.source.conn(), &[b"SET", b"before", b"1"]);
+    exec(
+        &mut p.source.conn(),
+        &[b"APPEND", b"huge", &vec![b'h'; 300_000]],
+    );
+    harness::wait_for(
+        "the source connector to stop",
+        Duration::from_secs(30),
+        || p.source_connector.process().exit_status(),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.source_connector.log()));
+    let status = p.source_connector.process().exit_status().unwrap();
+    assert!(!status.success());
+    let log = p.source_connector.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("above kafka.max_message_bytes"))
+        .unwrap_or_else(|| panic!("no error naming the limit:\n{log}"));
+    assert!(line.contains("the record at position"), "{line}");
+    // Everything before it went through.
+    harness::wait_for("the write before it", Duration::from_secs(30), || {
+        p.target
+            .cmd::<Option<String>>(&["GET", "before"])
+            .ok()
+            .flatten()
+    })
+    .unwrap();
+}
