@@ -874,16 +874,22 @@ impl Lane {
             self.with_checkpoint_db().await?;
             self.query(&marker).await?;
             gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(1.0);
+            let leader_key = checkpoint_key(&self.env.cfg, &self.env.topic, leader);
             loop {
                 self.with_checkpoint_db().await?;
-                let v = self
-                    .query(&[b("HGET"), self.key.clone(), Bytes::from(shard.to_owned())])
-                    .await?;
-                if let Value::BulkString(s) = v {
-                    if Position::parse(&String::from_utf8_lossy(&s)).is_some_and(|p| p >= position)
-                    {
+                let mine = self.stored_position(self.key.clone(), shard).await?;
+                if mine.is_some_and(|p| p >= position) {
+                    break;
+                }
+                let theirs = self.stored_position(leader_key.clone(), shard).await?;
+                if let Some(p) = theirs.filter(|p| p.epoch > position.epoch) {
+                    // The leader may have applied it and moved on just now: look again first.
+                    let mine = self.stored_position(self.key.clone(), shard).await?;
+                    if mine.is_some_and(|m| m >= position) {
                         break;
                     }
+                    let why = format!("the leading partition {leader} is already at {p}");
+                    return self.abandon_barrier(shard, position, message, &why).await;
                 }
                 self.pause(Duration::from_millis(5)).await?;
             }
@@ -914,7 +920,7 @@ impl Lane {
                         Bytes::from(shard.to_owned()),
                     ])
                     .await?;
-                let arrived = match v {
+                let (arrived, applied) = match v {
                     Value::Array(items) => {
                         let text = |v: &Value| match v {
                             Value::BulkString(s) => Some(String::from_utf8_lossy(s).into_owned()),
@@ -925,11 +931,17 @@ impl Lane {
                             .get(1)
                             .and_then(text)
                             .and_then(|t| Position::parse(&t));
-                        marker.as_deref() == Some(&*String::from_utf8_lossy(&pos_text))
-                            || applied.is_some_and(|a| a >= position)
+                        let arrived = marker.as_deref()
+                            == Some(&*String::from_utf8_lossy(&pos_text))
+                            || applied.is_some_and(|a| a >= position);
+                        (arrived, applied)
                     }
-                    _ => false,
+                    _ => (false, None),
                 };
+                if let Some(p) = applied.filter(|p| p.epoch > position.epoch) {
+                    let why = format!("partition {q} is already at {p}");
+                    return self.abandon_barrier(shard, position, message, &why).await;
+                }
                 if !arrived {
                     all = false;
                     break;
@@ -1001,6 +1013,40 @@ impl Lane {
             .record((service::now_ms() - capture_ms).max(0) as f64 / 1000.0);
         counter!("sink_records_applied_total", "partition" => self.label.clone()).increment(1);
         Ok(())
+    }
+
+    /// The position a checkpoint hash holds for `shard` (the checkpoint db must be selected).
+    async fn stored_position(&mut self, key: Bytes, shard: &str) -> Result<Option<Position>, Stop> {
+        let v = self
+            .query(&[b("HGET"), key, Bytes::from(shard.to_owned())])
+            .await?;
+        Ok(match v {
+            Value::BulkString(s) => Position::parse(&String::from_utf8_lossy(&s)),
+            _ => None,
+        })
+    }
+
+    /// A barrier some involved partition will never reach: the source connector stopped while
+    /// publishing its copies, and the next sync was a full resync (a new epoch), so the copies
+    /// that did arrive are orphans — the leader would wait for a partition that has moved on, or
+    /// followers for a leader that never saw it. The new epoch's snapshot supersedes the barrier
+    /// as it supersedes every write of the old epoch after the resync point; the lane records it
+    /// as done and goes on.
+    async fn abandon_barrier(
+        &mut self,
+        shard: &str,
+        position: Position,
+        message: &OwnedMessage,
+        why: &str,
+    ) -> Result<(), Stop> {
+        tracing::warn!(
+            partition = self.partition,
+            "barrier {position} of shard {shard} abandoned: {why}, so this barrier's epoch was cut short by a full resync and its other copies will never arrive; the new snapshot supersedes it"
+        );
+        counter!("sink_barriers_abandoned_total", "partition" => self.label.clone()).increment(1);
+        gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(0.0);
+        self.checkpoint_only(shard, position, message.offset())
+            .await
     }
 
     /// Non-transactional checkpoint reads and writes happen in db 0 when SELECT is allowed.

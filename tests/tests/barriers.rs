@@ -1,0 +1,121 @@
+//! Orphaned barrier copies. A barrier is published as one copy per involved partition; when the
+//! source connector dies between copies and its next sync is a full resync (a new epoch), some
+//! partitions hold a copy that the others never get. A 10-minute soak found lanes waiting on such
+//! a barrier forever. The topic is written by hand here so the situation is exact: the lanes must
+//! give the orphan up once another involved partition is in the newer epoch, never apply it, and
+//! go on with the new epoch's records.
+
+use harness::broker::{random_topic, Broker, Storage};
+use harness::connector::{Connector, Kind};
+use harness::pipeline::{sink_config, Options};
+use harness::redis::{RedisConfig, RedisServer};
+use proto::v1::{self, record::Body};
+use std::time::Duration;
+
+fn record(epoch: u64, offset: u64, body: Body) -> Vec<u8> {
+    proto::topic::encode(&v1::Record {
+        schema_version: proto::SCHEMA_VERSION,
+        source_shard: "source".into(),
+        position: Some(proto::Position::new(epoch, offset, 0).into()),
+        capture_time_ms: 0,
+        db: 0,
+        slot: None,
+        body: Some(body),
+    })
+}
+
+fn set(key: &str) -> Body {
+    Body::Command(v1::Command {
+        args: vec!["SET".into(), key.to_owned().into(), "v".into()],
+    })
+}
+
+fn barrier(partitions: &[u32], key: &str) -> Body {
+    Body::Barrier(v1::Barrier {
+        partitions: partitions.to_vec(),
+        commands: vec![v1::Command {
+            args: vec!["SET".into(), key.to_owned().into(), "applied".into()],
+        }],
+        ..v1::Barrier::default()
+    })
+}
+
+#[test]
+fn orphaned_barrier_copies_are_given_up_once_a_partition_is_in_a_newer_epoch() {
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let topic = random_topic("orphans");
+    broker.create_topic(&topic, 4).unwrap();
+    let produce = |partition: i32, bytes: Vec<u8>| {
+        broker
+            .produce_raw(
+                &topic,
+                partition,
+                b"00000",
+                &bytes,
+                &[(
+                    proto::topic::HEADER_CONTENT_TYPE,
+                    proto::topic::CONTENT_TYPE.as_bytes(),
+                )],
+            )
+            .unwrap();
+    };
+    // Epoch 1: every partition applies something.
+    for p in 0..4 {
+        produce(p, record(1, 10 + p as u64, set(&format!("e1:{p}"))));
+    }
+    // A barrier over partitions 0, 1, 2 whose copy never reached partition 0 (the leader):
+    // followers 1 and 2 hold orphans.
+    for p in [1, 2] {
+        produce(p, record(1, 100, barrier(&[0, 1, 2], "orphan-followers")));
+    }
+    // A barrier over partitions 2 and 3 that only the leader (2) got.
+    produce(2, record(1, 200, barrier(&[2, 3], "orphan-leader")));
+    // Then a full resync: epoch 2 on every partition.
+    for p in 0..4 {
+        produce(p, record(2, 1000 + p as u64, set(&format!("e2:{p}"))));
+    }
+
+    let target =
+        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
+    let sink = Connector::start(
+        Kind::Sink,
+        &sink_config(
+            &target.url(),
+            &broker.bootstrap(),
+            &topic,
+            &Options::default(),
+        ),
+        &[],
+    )
+    .unwrap();
+    harness::wait_for(
+        "every lane to reach epoch 2",
+        Duration::from_secs(60),
+        || {
+            let all = (0..4).all(|p| {
+                target
+                    .cmd::<Option<String>>(&["GET", &format!("e2:{p}")])
+                    .ok()
+                    .flatten()
+                    .is_some()
+            });
+            all.then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", sink.log()));
+    for key in ["orphan-followers", "orphan-leader"] {
+        let value: Option<String> = target.cmd(&["GET", key]).unwrap();
+        assert_eq!(value, None, "{key}: an orphaned barrier was applied");
+    }
+    let abandoned = sink
+        .metric("sink_barriers_abandoned_total", &[])
+        .unwrap_or(0.0);
+    assert_eq!(
+        abandoned,
+        3.0,
+        "two followers and one leader give up:\n{}",
+        sink.log()
+    );
+    assert_eq!(sink.metric("sink_lane_halted", &[]), Some(0.0));
+    assert!(sink.log().contains("abandoned"), "{}", sink.log());
+}
