@@ -259,12 +259,26 @@ enum Elem {
 #[derive(Debug, Clone, Copy)]
 enum Value {
     Begin,
-    RawString { remaining: u64 },
-    Elements { remaining: u64, elem: Elem },
-    Quicklist { remaining: u64, v2: bool },
-    StreamNodes { remaining: u64 },
+    RawString {
+        remaining: u64,
+    },
+    /// A big LZF-compressed string, expanded piece by piece by `Decoder::lzf`.
+    LzfString,
+    Elements {
+        remaining: u64,
+        elem: Elem,
+    },
+    Quicklist {
+        remaining: u64,
+        v2: bool,
+    },
+    StreamNodes {
+        remaining: u64,
+    },
     StreamMeta,
-    StreamGroups { remaining: u64 },
+    StreamGroups {
+        remaining: u64,
+    },
     End,
 }
 
@@ -324,6 +338,8 @@ pub struct Decoder {
     failed: Option<Error>,
     /// Bytes the current unit needs before it is worth parsing again.
     need: usize,
+    /// The big compressed string being expanded (`Value::LzfString`).
+    lzf: Option<lzf::Expander>,
 }
 
 impl Decoder {
@@ -342,6 +358,7 @@ impl Decoder {
             ready: VecDeque::new(),
             failed: None,
             need: 0,
+            lzf: None,
         }
     }
 
@@ -654,6 +671,27 @@ impl Decoder {
                     Value::RawString { remaining }
                 })
             }
+            Value::LzfString => {
+                let piece_bytes = self.config.piece_bytes;
+                let Some(expander) = self.lzf.as_mut() else {
+                    return Err(Stop::Bad(
+                        0,
+                        ErrorKind::Invalid("no compressed string to expand"),
+                    ));
+                };
+                let piece = expander
+                    .next_piece(piece_bytes)
+                    .map_err(|e| Stop::Bad(0, e.into()))?;
+                let done = expander.is_done();
+                self.ready
+                    .push_back(Item::Piece(Piece::String(Bytes::from(piece))));
+                if done {
+                    self.lzf = None;
+                    Ok(Value::End)
+                } else {
+                    Ok(Value::LzfString)
+                }
+            }
             Value::Elements { remaining: 0, .. } => Ok(Value::End),
             Value::Elements { remaining, elem } => {
                 let piece = self.parse("a collection element", |c, cfg| {
@@ -822,8 +860,14 @@ impl Decoder {
         let piece_bytes = self.config.piece_bytes;
         match ty {
             t::STRING => {
-                // Big raw strings stream in pieces; everything else is read whole.
-                let big = self.parse("a string length", |c, _| {
+                // Big strings stream in pieces, raw ones straight from the input and LZF ones
+                // through an expander that keeps only the compressed bytes and an 8 KiB window;
+                // everything else is read whole.
+                enum Big {
+                    Raw(u64),
+                    Lzf(Vec<u8>, usize),
+                }
+                let big = self.parse("a string length", |c, cfg| {
                     let mut probe = Cur {
                         data: c.data,
                         pos: c.pos,
@@ -833,13 +877,39 @@ impl Decoder {
                     match probe.length_or_special()? {
                         Ok(n) if n > piece_bytes as u64 => {
                             c.pos = probe.pos;
-                            Ok(Some(n))
+                            Ok(Some(Big::Raw(n)))
+                        }
+                        Err(3) => {
+                            let clen = probe.length()?;
+                            let len = probe.length()?;
+                            if len <= piece_bytes as u64 {
+                                return Ok(None);
+                            }
+                            let limit = cfg.max_unit_bytes as u64;
+                            if clen > limit {
+                                return probe.bad(ErrorKind::TooLarge {
+                                    what: "compressed string",
+                                    len: clen,
+                                    limit,
+                                });
+                            }
+                            let Ok(len) = usize::try_from(len) else {
+                                return probe.bad(ErrorKind::Invalid("string length out of range"));
+                            };
+                            c.pos = probe.pos;
+                            let data = c.take(clen as usize)?.to_vec();
+                            Ok(Some(Big::Lzf(data, len)))
                         }
                         _ => Ok(None),
                     }
                 })?;
-                if let Some(n) = big {
-                    return Ok(Value::RawString { remaining: n });
+                match big {
+                    Some(Big::Raw(n)) => return Ok(Value::RawString { remaining: n }),
+                    Some(Big::Lzf(data, len)) => {
+                        self.lzf = Some(lzf::Expander::new(data, len));
+                        return Ok(Value::LzfString);
+                    }
+                    None => {}
                 }
                 let s = self.parse("a string value", |c, cfg| c.string(cfg.max_unit_bytes))?;
                 self.ready.push_back(Item::Piece(Piece::String(s)));
