@@ -211,6 +211,19 @@ impl Broker {
         Ok(out)
     }
 
+    /// Produces encoded record bytes with the record content type, as the source connector
+    /// would (for hand-written topics), and waits for it.
+    pub fn produce_record(&self, topic: &str, partition: i32, record: &[u8]) -> anyhow::Result<()> {
+        let content_type = proto::topic::CONTENT_TYPE.as_bytes();
+        self.produce_raw(
+            topic,
+            partition,
+            b"00000",
+            record,
+            &[(proto::topic::HEADER_CONTENT_TYPE, content_type)],
+        )
+    }
+
     /// Produces one raw message (for foreign or corrupt data on a topic) and waits for it.
     pub fn produce_raw(
         &self,

@@ -46,18 +46,7 @@ fn orphaned_barrier_copies_are_given_up_once_a_partition_is_in_a_newer_epoch() {
     let topic = random_topic("orphans");
     broker.create_topic(&topic, 4).unwrap();
     let produce = |partition: i32, bytes: Vec<u8>| {
-        broker
-            .produce_raw(
-                &topic,
-                partition,
-                b"00000",
-                &bytes,
-                &[(
-                    proto::topic::HEADER_CONTENT_TYPE,
-                    proto::topic::CONTENT_TYPE.as_bytes(),
-                )],
-            )
-            .unwrap();
+        broker.produce_record(&topic, partition, &bytes).unwrap();
     };
     // Epoch 1: every partition applies something.
     for p in 0..4 {

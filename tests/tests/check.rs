@@ -37,8 +37,22 @@ fn checks_pass_on_a_running_pipeline_and_name_what_is_wrong() {
         p.source.cmd::<()>(&["SET", &format!("k{i}"), "v"]).unwrap();
     }
     p.wait_equal(Duration::from_secs(60)).unwrap();
-    // Let the source write a checkpoint covering the stream.
-    std::thread::sleep(Duration::from_secs(2));
+    // Wait for the source to checkpoint everything written.
+    let written: f64 = p
+        .source
+        .info_field("replication", "master_repl_offset")
+        .unwrap()
+        .parse()
+        .unwrap();
+    harness::wait_for(
+        "a checkpoint covering the writes",
+        Duration::from_secs(30),
+        || {
+            let at = p.source_connector.metric("source_checkpoint_offset", &[])?;
+            (at >= written).then_some(())
+        },
+    )
+    .unwrap();
     let source_cfg = p.source_connector.config_path().to_path_buf();
     let sink_cfg = p.sink.config_path().to_path_buf();
 

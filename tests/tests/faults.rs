@@ -432,15 +432,25 @@ fn network_faults_between_connectors_and_redis() {
         source_proxy.drop_connections();
         target_proxy.drop_connections();
     }
-    // The source must be streaming again before its link goes half-open: give the reconnection
-    // (backoff of at most 2.5 s after three quick failures) time, then check.
-    std::thread::sleep(Duration::from_secs(3));
-    harness::wait_for("the source link to be up", Duration::from_secs(60), || {
-        let up = p.source_connector.metric("source_link_up", &[])?;
-        (up == 1.0).then_some(())
-    })
+    // The source must be streaming again before its link goes half-open: the writes go on,
+    // so once Kafka acknowledged data written after the last cut, a new session is streaming.
+    let after_cuts: f64 = p
+        .source
+        .info_field("replication", "master_repl_offset")
+        .unwrap()
+        .parse()
+        .unwrap();
+    harness::wait_for(
+        "the source link to stream again",
+        Duration::from_secs(60),
+        || {
+            let c = &p.source_connector;
+            let acked = c.metric("source_offset_acked", &[])?;
+            let up = c.metric("source_link_up", &[])?;
+            (acked > after_cuts && up == 1.0).then_some(())
+        },
+    )
     .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
     let partial_before = p
         .source_connector
         .metric("source_partial_syncs_total", &[])

@@ -323,16 +323,7 @@ fn bad_records_halt_their_lane_only() {
     let (partition, bytes) = record_bytes(99, "in-db-99", u64::MAX / 2);
     assert_ne!(partition, 0);
     p.broker
-        .produce_raw(
-            &p.topic,
-            partition as i32,
-            b"00000",
-            &bytes,
-            &[(
-                proto::topic::HEADER_CONTENT_TYPE,
-                proto::topic::CONTENT_TYPE.as_bytes(),
-            )],
-        )
+        .produce_record(&p.topic, partition as i32, &bytes)
         .unwrap();
     for part in ["0", &partition.to_string()] {
         harness::wait_for("the lane to halt", Duration::from_secs(30), || {

@@ -16,48 +16,52 @@ pub fn decompress(input: &[u8], out_len: usize) -> Result<Vec<u8>, LzfError> {
     let mut out = Vec::with_capacity(out_len);
     let mut i = 0;
     while i < input.len() {
-        let ctrl = input[i] as usize;
-        i += 1;
-        if ctrl < 32 {
-            let run = ctrl + 1;
-            let lit = input.get(i..i + run).ok_or(LzfError::Truncated)?;
-            if out.len() + run > out_len {
-                return Err(LzfError::LengthMismatch);
-            }
-            out.extend_from_slice(lit);
-            i += run;
-        } else {
-            let mut len = ctrl >> 5;
-            if len == 7 {
-                len += *input.get(i).ok_or(LzfError::Truncated)? as usize;
-                i += 1;
-            }
-            len += 2;
-            let low = *input.get(i).ok_or(LzfError::Truncated)? as usize;
-            i += 1;
-            let back = ((ctrl & 0x1f) << 8) + low + 1;
-            if back > out.len() {
-                return Err(LzfError::BadReference);
-            }
-            if out.len() + len > out_len {
-                return Err(LzfError::LengthMismatch);
-            }
-            let start = out.len() - back;
-            if back >= len {
-                out.extend_from_within(start..start + len);
-            } else {
-                // Overlapping copy: repeats the last `back` bytes.
-                for k in 0..len {
-                    let b = out[start + k];
-                    out.push(b);
-                }
-            }
+        instruction(input, &mut i, &mut out)?;
+        if out.len() > out_len {
+            return Err(LzfError::LengthMismatch);
         }
     }
     if out.len() != out_len {
         return Err(LzfError::LengthMismatch);
     }
     Ok(out)
+}
+
+/// Runs the instruction at `input[*i]`: a literal run or a back reference into `out`, appended
+/// to `out`. Advances `*i` past it.
+fn instruction(input: &[u8], i: &mut usize, out: &mut Vec<u8>) -> Result<(), LzfError> {
+    let ctrl = input[*i] as usize;
+    *i += 1;
+    if ctrl < 32 {
+        let run = ctrl + 1;
+        let lit = input.get(*i..*i + run).ok_or(LzfError::Truncated)?;
+        out.extend_from_slice(lit);
+        *i += run;
+        return Ok(());
+    }
+    let mut len = ctrl >> 5;
+    if len == 7 {
+        len += *input.get(*i).ok_or(LzfError::Truncated)? as usize;
+        *i += 1;
+    }
+    len += 2;
+    let low = *input.get(*i).ok_or(LzfError::Truncated)? as usize;
+    *i += 1;
+    let back = ((ctrl & 0x1f) << 8) + low + 1;
+    if back > out.len() {
+        return Err(LzfError::BadReference);
+    }
+    let start = out.len() - back;
+    if back >= len {
+        out.extend_from_within(start..start + len);
+    } else {
+        // Overlapping copy: repeats the last `back` bytes.
+        for k in 0..len {
+            let b = out[start + k];
+            out.push(b);
+        }
+    }
+    Ok(())
 }
 
 /// Longest distance of an LZF back reference: what an [`Expander`] keeps of earlier output.
@@ -99,32 +103,7 @@ impl Expander {
         let base = buf.len();
         let mut i = self.pos;
         while i < input.len() && buf.len() - base < max {
-            let ctrl = input[i] as usize;
-            i += 1;
-            if ctrl < 32 {
-                let run = ctrl + 1;
-                let lit = input.get(i..i + run).ok_or(LzfError::Truncated)?;
-                buf.extend_from_slice(lit);
-                i += run;
-            } else {
-                let mut len = ctrl >> 5;
-                if len == 7 {
-                    len += *input.get(i).ok_or(LzfError::Truncated)? as usize;
-                    i += 1;
-                }
-                len += 2;
-                let low = *input.get(i).ok_or(LzfError::Truncated)? as usize;
-                i += 1;
-                let back = ((ctrl & 0x1f) << 8) + low + 1;
-                if back > buf.len() {
-                    return Err(LzfError::BadReference);
-                }
-                let start = buf.len() - back;
-                for k in 0..len {
-                    let b = buf[start + k];
-                    buf.push(b);
-                }
-            }
+            instruction(input, &mut i, &mut buf)?;
             if self.produced + (buf.len() - base) > self.out_len {
                 return Err(LzfError::LengthMismatch);
             }
