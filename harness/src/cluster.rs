@@ -239,6 +239,116 @@ impl RedisCluster {
     }
 }
 
+impl RedisCluster {
+    /// Connections to the masters, for reading the whole dataset (`dataset::read`).
+    pub fn master_conns(&self) -> Vec<redis::Connection> {
+        self.masters().into_iter().map(|m| m.conn()).collect()
+    }
+
+    /// A client that sends each command to the master of its key's slot.
+    pub fn client(&self) -> ClusterClient<'_> {
+        ClusterClient {
+            cluster: self,
+            conns: std::collections::HashMap::new(),
+            owners: Vec::new(),
+        }
+    }
+
+    /// The node on `port`.
+    pub fn node(&self, port: u16) -> Option<&RedisServer> {
+        self.nodes.iter().find(|n| n.port() == port)
+    }
+
+    /// The replica of the master on `master_port`.
+    pub fn replica_of(&self, master_port: u16) -> Option<&RedisServer> {
+        let port = master_port.to_string();
+        self.replicas()
+            .into_iter()
+            .find(|r| r.info_field("replication", "master_port").as_deref() == Some(port.as_str()))
+    }
+}
+
+/// Sends commands to the master owning the first key's slot, following `MOVED` (the topology is
+/// read again) and waiting out `TRYAGAIN`/`CLUSTERDOWN` during failovers.
+pub struct ClusterClient<'a> {
+    cluster: &'a RedisCluster,
+    conns: std::collections::HashMap<u16, redis::Connection>,
+    /// Owner port of every slot.
+    owners: Vec<u16>,
+}
+
+impl std::fmt::Debug for ClusterClient<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterClient").finish()
+    }
+}
+
+impl ClusterClient<'_> {
+    fn refresh(&mut self) {
+        let mut owners = vec![0u16; 16384];
+        for node in self.cluster.nodes() {
+            let Ok(redis::Value::Array(ranges)) = node.cmd::<redis::Value>(&["CLUSTER", "SLOTS"])
+            else {
+                continue;
+            };
+            for r in ranges {
+                let redis::Value::Array(items) = r else {
+                    continue;
+                };
+                if let (
+                    Some(redis::Value::Int(lo)),
+                    Some(redis::Value::Int(hi)),
+                    Some(redis::Value::Array(master)),
+                ) = (items.first(), items.get(1), items.get(2))
+                {
+                    if let Some(redis::Value::Int(port)) = master.get(1) {
+                        for s in *lo..=*hi {
+                            owners[s as usize] = *port as u16;
+                        }
+                    }
+                }
+            }
+            break;
+        }
+        self.owners = owners;
+    }
+
+    /// Runs a command whose first argument after the name is a key.
+    pub fn exec(&mut self, args: &[&[u8]]) -> redis::Value {
+        let slot = proto::key_slot(args[1]).get() as usize;
+        for attempt in 0..200 {
+            if self.owners.is_empty() || attempt > 0 {
+                self.refresh();
+            }
+            let port = self.owners[slot];
+            let Some(node) = self.cluster.node(port) else {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            let conn = self.conns.entry(port).or_insert_with(|| node.conn());
+            let mut cmd = redis::Cmd::new();
+            for a in args {
+                cmd.arg(*a);
+            }
+            match cmd.query::<redis::Value>(conn) {
+                Ok(v) => return v,
+                Err(e) if matches!(e.code(), Some("MOVED" | "TRYAGAIN" | "CLUSTERDOWN")) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                    self.conns.remove(&port);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("{:?} on the cluster: {e}", String::from_utf8_lossy(args[0])),
+            }
+        }
+        panic!(
+            "the cluster did not settle for {:?}",
+            String::from_utf8_lossy(args[1])
+        );
+    }
+}
+
 impl RedisServer {
     /// `master` or `slave`, from `ROLE`.
     pub fn role(&self) -> Option<String> {

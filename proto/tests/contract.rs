@@ -232,6 +232,19 @@ fn bodies() -> Vec<Body> {
                 args: vec!["RENAME".into(), "a".into(), "b".into()],
             }],
             slots: vec![15495, 3300],
+            scope: Vec::new(),
+        }),
+        Body::Barrier(v1::Barrier {
+            kind: v1::BarrierKind::Broadcast as i32,
+            partitions: vec![1, 2],
+            commands: vec![v1::Command {
+                args: vec!["FLUSHALL".into()],
+            }],
+            slots: Vec::new(),
+            scope: vec![v1::SlotRange {
+                first: 5461,
+                last: 10922,
+            }],
         }),
         Body::Heartbeat(v1::Heartbeat {
             master_repl_offset: 1 << 40,

@@ -854,7 +854,9 @@ impl Lane {
         let cmds = self.filtered(convert::commands(&self.env.cfg, &barrier.commands));
         // A flush erases the checkpoint hashes and SWAPDB moves them to another db: such
         // barriers rewrite every involved hash after the command, in the same transaction.
-        let flushes = cmds.iter().any(convert::is_flush);
+        // A flush scoped to one cluster source shard's slots deletes only their keys.
+        let scoped = !barrier.scope.is_empty();
+        let flushes = !scoped && cmds.iter().any(convert::is_flush);
         let swapped_to: Vec<u32> = match self.checkpoint_db() {
             Some(ckpt_db) => cmds
                 .iter()
@@ -958,6 +960,11 @@ impl Lane {
         }
         // Everyone is here: apply once, and move every involved checkpoint with it. A flush
         // would erase the checkpoint hashes, so they are rewritten after it.
+        let cmds = if scoped {
+            self.scoped_flushes(cmds, db, &barrier.scope).await?
+        } else {
+            cmds
+        };
         let mut ops: Vec<Op> = cmds
             .into_iter()
             .map(|args| Op { db: Some(db), args })
@@ -1015,6 +1022,74 @@ impl Lane {
         Ok(())
     }
 
+    /// `FLUSHALL`/`FLUSHDB` from one shard of a cluster source concern only the keys of the
+    /// slots that shard served: they become `UNLINK`s of the target's keys in those slots (in the
+    /// record's db; checkpoint hashes kept). Function loads replace (see `replace_loads`). Every involved lane waits at this barrier, so no
+    /// write to these slots can slip in between the scan and the transaction.
+    async fn scoped_flushes(
+        &mut self,
+        cmds: Vec<Args>,
+        db: u32,
+        scope: &[v1::SlotRange],
+    ) -> Result<Vec<Args>, Stop> {
+        if !cmds.iter().any(convert::is_flush) {
+            return Ok(cmds.into_iter().map(replace_loads).collect());
+        }
+        let in_scope = |key: &[u8]| {
+            let slot = u32::from(proto::slot::key_slot(key).get());
+            scope.iter().any(|r| (r.first..=r.last).contains(&slot))
+        };
+        let prefix = self.env.cfg.apply.checkpoint_prefix.clone();
+        if self.env.cfg.redis.select {
+            self.target_select(db).await?;
+        }
+        let mut doomed: Vec<Bytes> = Vec::new();
+        let mut cursor = b("0");
+        loop {
+            let v = self
+                .query(&[b("SCAN"), cursor, b("COUNT"), b("1000")])
+                .await?;
+            let Value::Array(reply) = v else {
+                return Err(self.halt("SCAN on the target gave an unexpected reply"));
+            };
+            let mut reply = reply.into_iter();
+            cursor = match reply.next() {
+                Some(Value::BulkString(c)) => Bytes::from(c),
+                _ => return Err(self.halt("SCAN on the target gave no cursor")),
+            };
+            if let Some(Value::Array(keys)) = reply.next() {
+                for k in keys {
+                    if let Value::BulkString(k) = k {
+                        if !k.starts_with(prefix.as_bytes()) && in_scope(&k) {
+                            doomed.push(Bytes::from(k));
+                        }
+                    }
+                }
+            }
+            if cursor.as_ref() == b"0" {
+                break;
+            }
+        }
+        tracing::info!(
+            partition = self.partition,
+            "flush from one cluster source shard: deleting {} target keys in its slots",
+            doomed.len()
+        );
+        let mut out = Vec::new();
+        for cmd in cmds.into_iter().map(replace_loads) {
+            if !convert::is_flush(&cmd) {
+                out.push(cmd);
+                continue;
+            }
+            for keys in doomed.chunks(512) {
+                let mut unlink = vec![b("UNLINK")];
+                unlink.extend(keys.iter().cloned());
+                out.push(unlink);
+            }
+        }
+        Ok(out)
+    }
+
     /// The position a checkpoint hash holds for `shard` (the checkpoint db must be selected).
     async fn stored_position(&mut self, key: Bytes, shard: &str) -> Result<Option<Position>, Stop> {
         let v = self
@@ -1062,6 +1137,21 @@ impl Lane {
             .await?;
         Ok(())
     }
+}
+
+/// `FUNCTION LOAD` from one shard of a cluster source: every shard loads the same library, so
+/// the second load replaces it instead of failing.
+fn replace_loads(mut cmd: Args) -> Args {
+    let load = cmd.len() >= 3
+        && cmd[0].eq_ignore_ascii_case(b"function")
+        && cmd[1].eq_ignore_ascii_case(b"load")
+        && !cmd[2..cmd.len() - 1]
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(b"replace"));
+    if load {
+        cmd.insert(2, b("REPLACE"));
+    }
+    cmd
 }
 
 /// Why a transaction did not go through.

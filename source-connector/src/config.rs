@@ -38,6 +38,9 @@ pub struct RedisConfig {
     /// `repl-timeout`. Also bounds silences during the RDB transfer.
     #[serde(default = "default_repl_timeout_s")]
     pub repl_timeout_s: u64,
+    /// Cluster sources: seconds between topology checks (failovers, new shards).
+    #[serde(default = "default_cluster_refresh_s")]
+    pub cluster_refresh_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,6 +115,9 @@ fn default_listening_port() -> u16 {
 }
 fn default_timeout_s() -> u64 {
     10
+}
+fn default_cluster_refresh_s() -> u64 {
+    5
 }
 fn default_max_backoff_s() -> u64 {
     30

@@ -10,12 +10,14 @@
 //! - [`publish`]: producing to Kafka and tracking what it acknowledged;
 //! - [`checkpoint`]: the durable resume position;
 //! - [`replica`]: the replica link (handshake, sync, stream, ACKs);
-//! - [`run`]: topic preparation and the reconnect loop.
+//! - [`cluster`]: the masters of a cluster source, found again after failovers;
+//! - [`run`]: topic preparation, one reconnect loop per source shard.
 //!
 //! `resp`, `rdb`, `commands` and `records` do no I/O: bytes in, values out.
 
 pub mod check;
 pub mod checkpoint;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod dump;

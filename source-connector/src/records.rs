@@ -62,6 +62,8 @@ pub struct Builder {
     multi: Option<Vec<(u32, Vec<Bytes>)>>,
     /// Offset after the last complete command outside a transaction.
     safe_offset: u64,
+    /// For one shard of a cluster source: the slots it serves, which bound its keyless commands.
+    scope: Vec<(u16, u16)>,
 }
 
 impl Builder {
@@ -86,7 +88,20 @@ impl Builder {
             functions: Vec::new(),
             multi: None,
             safe_offset: offset,
+            scope: Vec::new(),
         }
+    }
+
+    /// The source is one shard of a cluster serving these slot ranges: a keyless command
+    /// (FLUSHALL, FLUSHDB, …) ran on that node only and concerns only these slots' keys.
+    pub fn scoped(mut self, ranges: Vec<(u16, u16)>) -> Self {
+        self.scope = ranges;
+        self
+    }
+
+    /// The shard's slots changed (a migration finished).
+    pub fn set_scope(&mut self, ranges: Vec<(u16, u16)>) {
+        self.scope = ranges;
     }
 
     pub fn epoch(&self) -> u64 {
@@ -428,7 +443,21 @@ impl Builder {
         db: u32,
         offset: u64,
     ) -> Outgoing {
-        let partitions: Vec<u32> = if kind == v1::BarrierKind::Broadcast {
+        let partitions: Vec<u32> = if kind == v1::BarrierKind::Broadcast && !self.scope.is_empty() {
+            let mut p: Vec<u32> = self
+                .scope
+                .iter()
+                .flat_map(|&(first, last)| {
+                    let part = |n: u16| {
+                        Slot::new(n).map_or(0, |s| partition_for_slot(s, self.partitions).0)
+                    };
+                    part(first)..=part(last)
+                })
+                .collect();
+            p.sort_unstable();
+            p.dedup();
+            p
+        } else if kind == v1::BarrierKind::Broadcast {
             self.all_partitions()
         } else {
             let mut p: Vec<u32> = slots
@@ -444,6 +473,17 @@ impl Builder {
             partitions: partitions.clone(),
             commands: commands.into_iter().map(command).collect(),
             slots: slots.iter().map(|s| u32::from(s.get())).collect(),
+            scope: match kind {
+                v1::BarrierKind::Broadcast => self
+                    .scope
+                    .iter()
+                    .map(|&(first, last)| v1::SlotRange {
+                        first: first.into(),
+                        last: last.into(),
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            },
         });
         let position = Position::new(self.epoch, offset, 0);
         Outgoing {
@@ -721,6 +761,36 @@ mod tests {
             .iter()
             .map(|w| Bytes::copy_from_slice(w.as_bytes()))
             .collect()
+    }
+
+    #[test]
+    fn keyless_commands_of_a_cluster_shard_are_scoped_to_its_slots() {
+        let flush = |b: &mut Builder| {
+            let out = b.command(resp::Command {
+                args: args(&["FLUSHALL"]),
+                end_offset: 100,
+                kind: resp::Kind::Write,
+            });
+            let Some(Body::Barrier(barrier)) = out[0].record.body.clone() else {
+                panic!("FLUSHALL is a barrier: {out:?}");
+            };
+            (out[0].partitions.clone(), barrier)
+        };
+        let (partitions, barrier) = flush(&mut Builder::new("s".into(), 8, 1024, 1, 0));
+        assert_eq!(partitions, (0..8).collect::<Vec<u32>>());
+        assert!(barrier.scope.is_empty());
+        // Slots 5461-10922 are in partitions 2..=5 of 8 (2048 slots each).
+        let mut shard = Builder::new("s".into(), 8, 1024, 1, 0).scoped(vec![(5461, 10922)]);
+        let (partitions, barrier) = flush(&mut shard);
+        assert_eq!(partitions, vec![2, 3, 4, 5]);
+        assert_eq!(barrier.partitions, partitions);
+        assert_eq!(
+            barrier.scope,
+            vec![v1::SlotRange {
+                first: 5461,
+                last: 10922
+            }]
+        );
     }
 
     #[test]

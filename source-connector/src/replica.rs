@@ -50,6 +50,11 @@ pub struct Shared {
     pub checkpoint_topic: String,
     pub endpoint: Endpoint,
     pub checkpoint: Option<Checkpoint>,
+    /// Slots the shard serves when the source is a cluster (empty otherwise); updated by the
+    /// topology watcher when slots migrate.
+    pub scope: watch::Receiver<Vec<(u16, u16)>>,
+    /// Keys that moved between the shards of a cluster source (ADR 0007).
+    pub migrations: Option<std::sync::Arc<crate::cluster::Migrations>>,
 }
 
 const READ_CHUNK: usize = 256 * 1024;
@@ -249,7 +254,8 @@ pub async fn session(
                 cfg.snapshot.piece_bytes,
                 c.epoch,
                 c.offset,
-            );
+            )
+            .scoped(shared.scope.borrow_and_update().clone());
             if replid != c.replid {
                 save_checkpoint(
                     shared,
@@ -342,7 +348,8 @@ async fn full_sync(
         cfg.snapshot.piece_bytes,
         epoch,
         offset,
-    );
+    )
+    .scoped(shared.scope.borrow_and_update().clone());
     builder.begin_snapshot(epoch, offset);
 
     // The master may send newlines for a long time while it prepares the RDB.
@@ -547,6 +554,23 @@ async fn stream(
                 let _ = getack_tx.try_send(());
             }
             gauge!("source_offset_received", "shard" => shard.clone()).set(cmd.end_offset as f64);
+            if shared.scope.has_changed().unwrap_or(false) {
+                builder.set_scope(shared.scope.borrow_and_update().clone());
+            }
+            let cmd = match (&shared.migrations, cmd.kind) {
+                (Some(migrations), resp::Kind::Write) => {
+                    match migrations.filter(&shard, cmd.args) {
+                        Some(args) => resp::Command { args, ..cmd },
+                        // Nothing left to publish; the offset still advances.
+                        None => resp::Command {
+                            args: Vec::new(),
+                            kind: resp::Kind::Ping,
+                            ..cmd
+                        },
+                    }
+                }
+                _ => cmd,
+            };
             for out in builder.command(cmd) {
                 publisher.publish(out).await?;
             }

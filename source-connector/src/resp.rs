@@ -28,7 +28,7 @@ impl Default for Limits {
 }
 
 /// What a command is, for the connector's purposes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// The master's heartbeat: consumed, not published.
     Ping,

@@ -2,14 +2,16 @@
 //! going, reconnecting with capped backoff and jitter.
 
 use crate::checkpoint;
+use crate::cluster;
 use crate::config::{Config, Endpoint};
 use crate::publish::{self, Publisher};
 use crate::replica::{self, LinkError, Shared};
-use metrics::counter;
+use metrics::{counter, gauge};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -84,10 +86,11 @@ pub fn partition_count(client: &rdkafka::ClientConfig, topic: &str) -> anyhow::R
     Ok(Some(t.partitions().len() as u32))
 }
 
-/// Runs the connector until shutdown or a fatal error.
-pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// Runs the connector until shutdown or a fatal error: one replica link for a standalone
+/// source, one per master shard for a cluster (found from any node, and followed through
+/// failovers and new shards).
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let endpoint = Endpoint::parse(&config.redis.url)?;
-    let shard = config.shard_name();
     let checkpoint_topic = config.checkpoint_topic();
     let client = service::kafka::client_config(
         &config.kafka.bootstrap_servers,
@@ -112,9 +115,278 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         true,
     )
     .await?;
+    // Fail early on bad Kafka settings; each session then gets a fresh producer, so a producer
+    // that hit a fatal error (an idempotence failure after a broker lost state) is not reused.
+    drop(publish::producer(&config.kafka)?);
+    let ctx = ShardContext {
+        config: config.clone(),
+        client,
+        checkpoint_topic,
+        shutdown,
+    };
+    match topology(&ctx, &endpoint).await? {
+        None => shard_loop(ctx.clone(), config.shard_name(), endpoint, None).await,
+        Some(masters) => run_cluster(ctx, endpoint, masters).await,
+    }
+}
+
+/// What every shard's loop shares.
+#[derive(Clone)]
+struct ShardContext {
+    config: Config,
+    client: rdkafka::ClientConfig,
+    checkpoint_topic: String,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// How a cluster shard finds its master again: the node ids that belong to it (the master and
+/// its replicas, one of which a failover promotes) and the nodes to ask.
+#[derive(Debug)]
+struct Follow {
+    members: Vec<String>,
+    seeds: Arc<Mutex<Vec<Endpoint>>>,
+    seed: Endpoint,
+    /// Set by the topology watcher when the shard's master changed: the session ends cleanly
+    /// (what Kafka acknowledged is checkpointed) and the loop reconnects to the new master.
+    relink: watch::Receiver<()>,
+    migrations: Arc<cluster::Migrations>,
+    /// The slots the shard serves, as the watcher sees them.
+    scope: watch::Receiver<Vec<(u16, u16)>>,
+}
+
+/// Whether the source is a cluster, asking the seed until it answers.
+async fn topology(
+    ctx: &ShardContext,
+    endpoint: &Endpoint,
+) -> anyhow::Result<Option<Vec<cluster::Master>>> {
+    let timeout = Duration::from_secs(ctx.config.redis.timeout_s);
+    let mut backoff = Duration::from_millis(250);
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let seed = endpoint.clone();
+        let answer = tokio::task::spawn_blocking(move || cluster::discover(&seed, timeout)).await?;
+        match answer {
+            Ok(None) => return Ok(None),
+            Ok(Some(masters)) if !masters.is_empty() => return Ok(Some(masters)),
+            Ok(Some(_)) => tracing::error!(
+                "source {}: cluster mode but no master serves slots yet; retrying",
+                endpoint.address()
+            ),
+            Err(e) if e.contains("NOPERM") => {
+                tracing::warn!("{e}; replicating this node only, as a standalone source");
+                return Ok(None);
+            }
+            Err(e) if e.contains("WRONGPASS") || e.contains("NOAUTH") => anyhow::bail!("{e}"),
+            Err(e) => tracing::error!("{e}; retrying in {backoff:?}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return Ok(None);
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(ctx.config.redis.max_backoff_s.max(1)));
+    }
+}
+
+/// A cluster source: a loop per master shard, and a watcher that notices failovers and new
+/// shards every `redis.cluster_refresh_s`.
+async fn run_cluster(
+    ctx: ShardContext,
+    seed: Endpoint,
+    masters: Vec<cluster::Master>,
+) -> anyhow::Result<()> {
+    let base = ctx.config.shard_name();
+    let seeds = Arc::new(Mutex::new(node_endpoints(&seed, &masters)));
+    let migrations = Arc::new(cluster::Migrations::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    // Per shard: its name, its members, and how to tell its loop to relink.
+    let mut shards: Vec<Watched> = Vec::new();
+    let spawn = |master: &cluster::Master,
+                 shards: &mut Vec<Watched>,
+                 tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>| {
+        let Some(anchor) = master.anchor() else {
+            return;
+        };
+        let shard = format!("{base}/{anchor}");
+        let members: Vec<String> = std::iter::once(master.id.clone())
+            .chain(master.replicas.iter().cloned())
+            .collect();
+        let (tx, rx) = watch::channel(());
+        let (scope_tx, scope_rx) = watch::channel(master.slots.clone());
+        tracing::info!(shard = %shard, "cluster shard served by {} (slots {})", master.address(), ranges_text(&master.slots));
+        gauge!("source_cluster_shards").increment(1.0);
+        let follow = Follow {
+            members: members.clone(),
+            seeds: Arc::clone(&seeds),
+            seed: seed.clone(),
+            relink: rx,
+            migrations: Arc::clone(&migrations),
+            scope: scope_rx,
+        };
+        let endpoint = cluster::at(&seed, &master.host, master.port);
+        tasks.spawn(shard_loop(
+            ctx.clone(),
+            shard.clone(),
+            endpoint,
+            Some(follow),
+        ));
+        shards.push(Watched {
+            shard,
+            members,
+            relink: tx,
+            scope: scope_tx,
+            master: master.id.clone(),
+            slots: master.slots.clone(),
+        });
+    };
+    for m in &masters {
+        spawn(m, &mut shards, &mut tasks);
+    }
+    let refresh = Duration::from_secs(ctx.config.redis.cluster_refresh_s.max(1));
+    let timeout = Duration::from_secs(ctx.config.redis.timeout_s);
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            done = tasks.join_next() => {
+                match done {
+                    // A shard loop ends on shutdown or a fatal error; either ends the connector.
+                    Some(Ok(Ok(()))) | None => return Ok(()),
+                    Some(Ok(Err(e))) => return Err(e),
+                    Some(Err(e)) => anyhow::bail!("a shard loop panicked: {e}"),
+                }
+            }
+            _ = tokio::time::sleep(refresh) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            while tasks.join_next().await.is_some() {}
+            return Ok(());
+        }
+        let known = seeds.lock().map(|s| s.clone()).unwrap_or_default();
+        let masters =
+            match tokio::task::spawn_blocking(move || cluster::discover_any(&known, timeout))
+                .await?
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("cluster topology refresh: {e}");
+                    continue;
+                }
+            };
+        if let Ok(mut s) = seeds.lock() {
+            *s = node_endpoints(&seed, &masters);
+        }
+        for m in &masters {
+            match shards.iter_mut().find(|w| w.members.contains(&m.id)) {
+                Some(w) => {
+                    // Replicas added since: they may be promoted later.
+                    for r in &m.replicas {
+                        if !w.members.contains(r) {
+                            w.members.push(r.clone());
+                        }
+                    }
+                    if w.master != m.id {
+                        tracing::warn!(shard = %w.shard, "the shard's master is now {} ({}): failover; relinking with the last checkpoint", m.address(), m.id);
+                        counter!("source_cluster_failovers_total", "shard" => w.shard.clone())
+                            .increment(1);
+                        w.master = m.id.clone();
+                        w.slots = m.slots.clone();
+                        let _ = w.scope.send(m.slots.clone());
+                        let _ = w.relink.send(());
+                    } else if w.slots != m.slots {
+                        tracing::info!(shard = %w.shard, "the shard now serves slots {}", ranges_text(&m.slots));
+                        w.slots = m.slots.clone();
+                        let _ = w.scope.send(m.slots.clone());
+                    }
+                }
+                None => {
+                    tracing::info!("new cluster shard: master {} ({})", m.address(), m.id);
+                    spawn(m, &mut shards, &mut tasks);
+                }
+            }
+        }
+    }
+}
+
+/// A cluster shard as the topology watcher last saw it.
+struct Watched {
+    shard: String,
+    /// Node ids of the master and replicas that belong to it.
+    members: Vec<String>,
+    relink: watch::Sender<()>,
+    scope: watch::Sender<Vec<(u16, u16)>>,
+    /// Node id of its master.
+    master: String,
+    slots: Vec<(u16, u16)>,
+}
+
+fn node_endpoints(seed: &Endpoint, masters: &[cluster::Master]) -> Vec<Endpoint> {
+    let mut v: Vec<Endpoint> = masters
+        .iter()
+        .map(|m| cluster::at(seed, &m.host, m.port))
+        .collect();
+    v.push(seed.clone());
+    v
+}
+
+fn ranges_text(ranges: &[(u16, u16)]) -> String {
+    ranges
+        .iter()
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Finds the shard's master now: the master among its member nodes.
+async fn resolve(
+    shard: &str,
+    follow: &mut Follow,
+    timeout: Duration,
+) -> Result<cluster::Master, LinkError> {
+    let mut known = follow.seeds.lock().map(|s| s.clone()).unwrap_or_default();
+    known.push(follow.seed.clone());
+    let masters = tokio::task::spawn_blocking(move || cluster::discover_any(&known, timeout))
+        .await
+        .map_err(|e| LinkError::Transient(e.to_string()))?
+        .map_err(LinkError::Transient)?;
+    let master = masters
+        .into_iter()
+        .find(|m| follow.members.contains(&m.id))
+        .ok_or_else(|| {
+            LinkError::Transient(format!(
+                "cluster shard {shard}: none of its nodes ({}) is a master with slots now",
+                follow.members.join(", ")
+            ))
+        })?;
+    for r in &master.replicas {
+        if !follow.members.contains(r) {
+            follow.members.push(r.clone());
+        }
+    }
+    Ok(master)
+}
+
+/// One source shard: load its checkpoint and keep a replica session going, reconnecting with
+/// capped backoff and jitter (and, for a cluster shard, to whichever node is its master now).
+async fn shard_loop(
+    ctx: ShardContext,
+    shard: String,
+    endpoint: Endpoint,
+    mut follow: Option<Follow>,
+) -> anyhow::Result<()> {
+    let config = ctx.config.clone();
+    let mut shutdown = ctx.shutdown.clone();
     let loaded = {
-        let client = client.clone();
-        let topic = checkpoint_topic.clone();
+        let client = ctx.client.clone();
+        let topic = ctx.checkpoint_topic.clone();
         let shard = shard.clone();
         tokio::task::spawn_blocking(move || checkpoint::load(&client, &topic, &shard)).await??
     };
@@ -123,35 +395,37 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             tracing::info!(shard = %shard, "resuming from checkpoint: epoch {}, offset {}, snapshot {}", c.epoch, c.offset, if c.snapshot_done { "complete" } else { "incomplete (a full sync follows)" })
         }
         None => {
-            tracing::info!(shard = %shard, "no checkpoint in {checkpoint_topic}: starting with a full sync")
+            tracing::info!(shard = %shard, "no checkpoint in {}: starting with a full sync", ctx.checkpoint_topic)
         }
     }
-    // Fail early on bad Kafka settings; each session then gets a fresh producer, so a producer
-    // that hit a fatal error (an idempotence failure after a broker lost state) is not reused.
-    drop(publish::producer(&config.kafka)?);
     let mut shared = Shared {
         config: config.clone(),
         shard: shard.clone(),
-        checkpoint_topic,
+        checkpoint_topic: ctx.checkpoint_topic.clone(),
         endpoint,
         checkpoint: loaded,
+        scope: follow
+            .as_ref()
+            .map_or_else(|| watch::channel(Vec::new()).1, |f| f.scope.clone()),
+        migrations: follow.as_ref().map(|f| Arc::clone(&f.migrations)),
     };
     let max_backoff = Duration::from_secs(config.redis.max_backoff_s.max(1));
+    let timeout = Duration::from_secs(config.redis.timeout_s);
     let mut backoff = Duration::from_millis(250);
     loop {
-        let producer = publish::producer(&config.kafka)?;
-        let mut publisher = Publisher::new(
-            producer.clone(),
-            config.kafka.topic.clone(),
-            shard.clone(),
-            config.kafka.max_in_flight_bytes,
-            config.kafka.max_message_bytes,
-        );
         let started = std::time::Instant::now();
-        let result = replica::session(&mut shared, &mut publisher, &mut shutdown).await;
-        drop(publisher);
+        let result = match follow.as_mut() {
+            None => session(&config, &mut shared, &mut shutdown, None).await,
+            Some(f) => match resolve(&shard, f, timeout).await {
+                Ok(m) => {
+                    shared.endpoint = cluster::at(&shared.endpoint, &m.host, m.port);
+                    f.relink.borrow_and_update();
+                    session(&config, &mut shared, &mut shutdown, Some(f.relink.clone())).await
+                }
+                Err(e) => Err(e),
+            },
+        };
         if *shutdown.borrow() {
-            let _ = rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10));
             tracing::info!(shard = %shard, "stopped");
             return Ok(());
         }
@@ -163,13 +437,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             LinkError::Transient(_) => "transient",
             LinkError::Fatal(_) => "fatal",
         };
-        if let LinkError::Fatal(message) = e {
-            counter!("source_link_errors_total", "shard" => shard.clone(), "kind" => reason)
-                .increment(1);
-            anyhow::bail!("{message}");
-        }
         counter!("source_link_errors_total", "shard" => shard.clone(), "kind" => reason)
             .increment(1);
+        if let LinkError::Fatal(message) = e {
+            anyhow::bail!("{message}");
+        }
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(250);
         }
@@ -185,6 +457,51 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         }
         backoff = (backoff * 2).min(max_backoff);
     }
+}
+
+/// One replica session with a fresh producer. It ends cleanly (checkpointing what Kafka
+/// acknowledged) on shutdown, or when `relink` fires.
+async fn session(
+    config: &Config,
+    shared: &mut Shared,
+    shutdown: &mut watch::Receiver<bool>,
+    relink: Option<watch::Receiver<()>>,
+) -> Result<(), LinkError> {
+    let producer = publish::producer(&config.kafka).map_err(|e| LinkError::Fatal(e.to_string()))?;
+    let mut publisher = Publisher::new(
+        producer.clone(),
+        config.kafka.topic.clone(),
+        shared.shard.clone(),
+        config.kafka.max_in_flight_bytes,
+        config.kafka.max_message_bytes,
+    );
+    let (stop_tx, mut stop) = watch::channel(false);
+    let forward = {
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            match relink {
+                Some(mut relink) => tokio::select! {
+                    _ = shutdown.changed() => {}
+                    _ = relink.changed() => {}
+                },
+                None => {
+                    let _ = shutdown.changed().await;
+                }
+            }
+            let _ = stop_tx.send(true);
+        })
+    };
+    if *shutdown.borrow() {
+        forward.abort();
+        return Ok(());
+    }
+    let result = replica::session(shared, &mut publisher, &mut stop).await;
+    forward.abort();
+    drop(publisher);
+    if *shutdown.borrow() {
+        let _ = rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10));
+    }
+    result
 }
 
 fn rand_ms(max: u64) -> u64 {

@@ -1,0 +1,174 @@
+//! A Redis Cluster as the source: one replica link per master shard, found from one node,
+//! followed through a `CLUSTER FAILOVER` with a PSYNC continuation, and a `FLUSHALL` on one
+//! master that empties only that shard's slots on the target.
+
+use harness::broker::{random_topic, Broker, Storage};
+use harness::cluster::{ClusterClient, RedisCluster};
+use harness::connector::{Connector, Kind};
+use harness::dataset::{self, CompareOptions};
+use harness::pipeline::{self, Options, CHECKPOINT_PREFIX};
+use harness::redis::{RedisConfig, RedisServer};
+use std::time::{Duration, Instant};
+
+/// Counters, lists, appended strings and streams spread over every shard.
+fn writes(client: &mut ClusterClient<'_>, round: u32, n: u32) {
+    for i in 0..n {
+        let item = format!("{round}:{i}");
+        client.exec(&[b"INCR", format!("c:{}", i % 50).as_bytes()]);
+        client.exec(&[
+            b"RPUSH",
+            format!("l:{}", i % 20).as_bytes(),
+            item.as_bytes(),
+        ]);
+        client.exec(&[
+            b"APPEND",
+            format!("log:{}", i % 5).as_bytes(),
+            item.as_bytes(),
+        ]);
+        if i % 10 == 0 {
+            client.exec(&[
+                b"XADD",
+                format!("s:{}", i % 4).as_bytes(),
+                b"*",
+                b"i",
+                item.as_bytes(),
+            ]);
+        }
+    }
+}
+
+fn wait_equal(cluster: &RedisCluster, target: &RedisServer, logs: &[&Connector]) {
+    let opts = CompareOptions {
+        ignore_prefix: Some(CHECKPOINT_PREFIX.as_bytes().to_vec()),
+        stream_entries_read: false,
+        ..CompareOptions::default()
+    };
+    let started = Instant::now();
+    loop {
+        let expected = dataset::read(&mut cluster.master_conns()).unwrap();
+        let actual = dataset::read(&mut [target.conn()]).unwrap();
+        let report = expected.compare(&actual, &opts);
+        if report.is_equal() {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let logs: Vec<String> = logs.iter().map(|c| c.log()).collect();
+            panic!(
+                "target differs from the cluster:\n{report}\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn cluster_source_to_standalone_target_through_failover_and_flush() {
+    let cluster = RedisCluster::start(3, 1, RedisConfig::default()).unwrap();
+    let target =
+        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
+    let mut client = cluster.client();
+    writes(&mut client, 1, 1500);
+
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let topic = random_topic("cluster-source");
+    let options = Options::default();
+    // Any node will do: the connector finds the masters. A replica is the hardest case.
+    let seed = cluster.replicas()[0].url();
+    let source = Connector::start(
+        Kind::Source,
+        &pipeline::source_config(&seed, &broker.bootstrap(), &topic, &options)
+            .replace("[redis]\n", "[redis]\ncluster_refresh_s = 1\n"),
+        &[],
+    )
+    .unwrap();
+    let sink = Connector::start(
+        Kind::Sink,
+        &pipeline::sink_config(&target.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )
+    .unwrap();
+    wait_equal(&cluster, &target, &[&source, &sink]);
+    writes(&mut client, 2, 1500);
+    wait_equal(&cluster, &target, &[&source, &sink]);
+
+    let shards: Vec<String> = ["0", "5461", "10923"]
+        .iter()
+        .map(|a| format!("source/{a}"))
+        .collect();
+    let metric = |name: &str, shard: &str| source.metric(name, &[("shard", shard)]).unwrap_or(0.0);
+    for shard in &shards {
+        assert_eq!(
+            metric("source_full_syncs_total", shard),
+            1.0,
+            "{shard}: {}",
+            source.log()
+        );
+    }
+
+    // The master of slot 0 hands over to its replica; the shard's link follows with PSYNC.
+    let old = cluster.master_of_slot(0).unwrap().port();
+    let promoted = cluster.replica_of(old).unwrap().port();
+    cluster.failover(promoted).unwrap();
+    writes(&mut client, 3, 1500);
+    wait_equal(&cluster, &target, &[&source, &sink]);
+    harness::wait_for(
+        "the shard's link to move to the promoted master",
+        Duration::from_secs(30),
+        || {
+            let promoted = cluster.node(promoted)?;
+            (promoted.info_field("replication", "connected_slaves")? == "2").then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", source.log()));
+    assert_eq!(
+        metric("source_full_syncs_total", "source/0"),
+        1.0,
+        "the failover must not cost a full resync: {}",
+        source.log()
+    );
+    assert!(metric("source_partial_syncs_total", "source/0") >= 1.0);
+    writes(&mut client, 4, 500);
+    wait_equal(&cluster, &target, &[&source, &sink]);
+
+    // A slot with keys moves to another shard: MIGRATE's RESTORE-ASKING arrives on one link and
+    // its DEL on another, and the target must keep the key (ADR 0007).
+    let slot = proto::key_slot(b"c:0").get();
+    let from = cluster.master_of_slot(slot).unwrap().port();
+    let to = cluster
+        .masters()
+        .into_iter()
+        .map(|m| m.port())
+        .find(|&p| p != from)
+        .unwrap();
+    cluster.migrate_slot(slot, to).unwrap();
+    writes(&mut client, 5, 300);
+    wait_equal(&cluster, &target, &[&source, &sink]);
+    harness::wait_for(
+        "the connector to see the shard's new slots",
+        Duration::from_secs(30),
+        || {
+            source
+                .log()
+                .contains("the shard now serves slots")
+                .then_some(())
+        },
+    )
+    .unwrap();
+
+    // FLUSHALL on one master (the one that received the slot) empties that shard's slots only,
+    // here and on the target.
+    let flushed = cluster.node(to).unwrap();
+    let before: usize = target.cmd::<Vec<String>>(&["KEYS", "*"]).unwrap().len();
+    let _: () = flushed.cmd(&["FLUSHALL"]).unwrap();
+    // Equal again means the other shards' keys are still on the target, and the moved slot's
+    // keys are gone.
+    wait_equal(&cluster, &target, &[&source, &sink]);
+    let after: usize = target.cmd::<Vec<String>>(&["KEYS", "*"]).unwrap().len();
+    assert!(
+        after > 0 && after < before,
+        "one shard's keys were flushed: {before} keys before, {after} after"
+    );
+    writes(&mut client, 6, 300);
+    wait_equal(&cluster, &target, &[&source, &sink]);
+}
