@@ -22,6 +22,9 @@ pub struct Checkpoint {
     /// When it was written (Unix ms), for operators.
     #[serde(default)]
     pub written_ms: i64,
+    /// Cluster sources: node ids of the shard's master and replicas (ADR 0007).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 impl Checkpoint {
@@ -42,6 +45,15 @@ pub fn load(
     topic: &str,
     shard: &str,
 ) -> anyhow::Result<Option<Checkpoint>> {
+    Ok(load_all(client, topic)?.remove(shard))
+}
+
+/// The latest checkpoint of every shard in the checkpoint topic (partition 0).
+pub fn load_all(
+    client: &rdkafka::ClientConfig,
+    topic: &str,
+) -> anyhow::Result<std::collections::HashMap<String, Checkpoint>> {
+    let mut latest = std::collections::HashMap::new();
     let mut c = client.clone();
     c.set("group.id", "redis-repl-source-checkpoint-reader")
         .set("enable.auto.commit", "false")
@@ -53,12 +65,11 @@ pub fn load(
         .fetch_watermarks(topic, 0, Duration::from_secs(10))
         .map_err(|e| anyhow::anyhow!("cannot read the checkpoint topic {topic}: {e}"))?;
     if high <= low {
-        return Ok(None);
+        return Ok(latest);
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
     consumer.assign(&tpl)?;
-    let mut latest = None;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut next = low;
     while next < high {
@@ -71,9 +82,9 @@ pub fn load(
         };
         let msg = msg.map_err(|e| anyhow::anyhow!("reading {topic}: {e}"))?;
         next = msg.offset() + 1;
-        if msg.key() != Some(shard.as_bytes()) {
+        let Some(shard) = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
             continue;
-        }
+        };
         match msg.payload() {
             Some(p) => {
                 let c: Checkpoint = serde_json::from_slice(p).map_err(|e| {
@@ -82,9 +93,11 @@ pub fn load(
                         msg.offset()
                     )
                 })?;
-                latest = Some(c);
+                latest.insert(shard, c);
             }
-            None => latest = None,
+            None => {
+                latest.remove(&shard);
+            }
         }
     }
     Ok(latest)
@@ -107,6 +120,7 @@ mod tests {
             epoch: 3,
             snapshot_done: true,
             written_ms: 0,
+            nodes: vec!["n1".into()],
         };
         assert_eq!(
             Checkpoint::psync_args(Some(&c)),

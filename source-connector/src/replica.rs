@@ -53,6 +53,9 @@ pub struct Shared {
     /// Slots the shard serves when the source is a cluster (empty otherwise); updated by the
     /// topology watcher when slots migrate.
     pub scope: watch::Receiver<Vec<(u16, u16)>>,
+    /// Node ids of a cluster shard's master and replicas, kept in its checkpoint so a restart
+    /// finds the shard's name again whatever slots it serves by then.
+    pub nodes: Vec<String>,
     /// Keys that moved between the shards of a cluster source (ADR 0007).
     pub migrations: Option<std::sync::Arc<crate::cluster::Migrations>>,
 }
@@ -300,6 +303,7 @@ async fn save_checkpoint(
     mut c: Checkpoint,
 ) -> Result<(), LinkError> {
     c.written_ms = service::now_ms();
+    c.nodes = shared.nodes.clone();
     publisher
         .send_and_wait(
             &shared.checkpoint_topic,
@@ -339,6 +343,7 @@ async fn full_sync(
             epoch,
             snapshot_done: false,
             written_ms: 0,
+            nodes: Vec::new(),
         },
     )
     .await?;
@@ -491,6 +496,7 @@ async fn full_sync(
                 epoch,
                 snapshot_done: mark.snapshot_done,
                 written_ms: 0,
+                nodes: Vec::new(),
             },
         )
         .await?;
@@ -609,6 +615,7 @@ async fn stream(
                             epoch,
                             snapshot_done: mark.snapshot_done,
                             written_ms: 0,
+                            nodes: Vec::new(),
                         }).await?;
                         saved = Some(mark);
                     }
@@ -647,6 +654,7 @@ async fn stream(
                         epoch,
                         snapshot_done: mark.snapshot_done,
                         written_ms: 0,
+                        nodes: Vec::new(),
                     },
                 ),
             )

@@ -198,6 +198,11 @@ async fn run_cluster(
     masters: Vec<cluster::Master>,
 ) -> anyhow::Result<()> {
     let base = ctx.config.shard_name();
+    let existing = {
+        let client = ctx.client.clone();
+        let topic = ctx.checkpoint_topic.clone();
+        tokio::task::spawn_blocking(move || checkpoint::load_all(&client, &topic)).await??
+    };
     let seeds = Arc::new(Mutex::new(node_endpoints(&seed, &masters)));
     let migrations = Arc::new(cluster::Migrations::default());
     let mut tasks = tokio::task::JoinSet::new();
@@ -206,13 +211,13 @@ async fn run_cluster(
     let spawn = |master: &cluster::Master,
                  shards: &mut Vec<Watched>,
                  tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>| {
-        let Some(anchor) = master.anchor() else {
-            return;
-        };
-        let shard = format!("{base}/{anchor}");
         let members: Vec<String> = std::iter::once(master.id.clone())
             .chain(master.replicas.iter().cloned())
             .collect();
+        let taken: Vec<&str> = shards.iter().map(|w| w.shard.as_str()).collect();
+        let Some(shard) = shard_name(&base, master, &members, &existing, &taken) else {
+            return;
+        };
         let (tx, rx) = watch::channel(());
         let (scope_tx, scope_rx) = watch::channel(master.slots.clone());
         tracing::info!(shard = %shard, "cluster shard served by {} (slots {})", master.address(), ranges_text(&master.slots));
@@ -308,6 +313,38 @@ async fn run_cluster(
             }
         }
     }
+}
+
+/// The name of the shard `master` leads: the one its checkpoint was saved under when one of its
+/// nodes belonged to a shard before (so a restart after slots moved keeps the history), else
+/// `<base>/<lowest slot>`.
+fn shard_name(
+    base: &str,
+    master: &cluster::Master,
+    members: &[String],
+    existing: &std::collections::HashMap<String, checkpoint::Checkpoint>,
+    taken: &[&str],
+) -> Option<String> {
+    let prefix = format!("{base}/");
+    let mut known: Vec<&String> = existing
+        .iter()
+        .filter(|(name, c)| {
+            name.starts_with(&prefix)
+                && !taken.contains(&name.as_str())
+                && c.nodes.iter().any(|n| members.contains(n))
+        })
+        .map(|(name, _)| name)
+        .collect();
+    known.sort();
+    if let Some(name) = known.first() {
+        return Some((*name).clone());
+    }
+    let name = format!("{base}/{}", master.anchor()?);
+    if existing.contains_key(&name) || taken.contains(&name.as_str()) {
+        // That name's history belongs to other nodes.
+        return Some(format!("{name}-{}", &master.id[..master.id.len().min(8)]));
+    }
+    Some(name)
 }
 
 /// A cluster shard as the topology watcher last saw it.
@@ -408,6 +445,7 @@ async fn shard_loop(
             .as_ref()
             .map_or_else(|| watch::channel(Vec::new()).1, |f| f.scope.clone()),
         migrations: follow.as_ref().map(|f| Arc::clone(&f.migrations)),
+        nodes: Vec::new(),
     };
     let max_backoff = Duration::from_secs(config.redis.max_backoff_s.max(1));
     let timeout = Duration::from_secs(config.redis.timeout_s);
@@ -419,6 +457,7 @@ async fn shard_loop(
             Some(f) => match resolve(&shard, f, timeout).await {
                 Ok(m) => {
                     shared.endpoint = cluster::at(&shared.endpoint, &m.host, m.port);
+                    shared.nodes = f.members.clone();
                     f.relink.borrow_and_update();
                     session(&config, &mut shared, &mut shutdown, Some(f.relink.clone())).await
                 }
@@ -510,4 +549,65 @@ fn rand_ms(max: u64) -> u64 {
         .map(|d| d.subsec_nanos() as u64)
         .unwrap_or(0);
     nanos % max.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use checkpoint::Checkpoint;
+
+    fn master(id: &str, slots: Vec<(u16, u16)>) -> cluster::Master {
+        cluster::Master {
+            id: id.into(),
+            host: "h".into(),
+            port: 1,
+            slots,
+            replicas: Vec::new(),
+        }
+    }
+
+    fn saved(nodes: &[&str]) -> Checkpoint {
+        Checkpoint {
+            replid: "r".into(),
+            offset: 1,
+            epoch: 1,
+            snapshot_done: true,
+            written_ms: 0,
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_shard_keeps_its_name_when_its_lowest_slot_moved() {
+        let existing: std::collections::HashMap<String, Checkpoint> = [
+            ("prod/0".to_string(), saved(&["aaaa", "bbbb"])),
+            ("prod/5461".to_string(), saved(&["cccc"])),
+        ]
+        .into();
+        let name = |m: &cluster::Master, members: &[&str], taken: &[&str]| {
+            let members: Vec<String> = members.iter().map(|s| s.to_string()).collect();
+            shard_name("prod", m, &members, &existing, taken)
+        };
+        // The promoted replica bbbb now serves 100-5460: still prod/0.
+        let m = master("bbbb", vec![(100, 5460)]);
+        assert_eq!(name(&m, &["bbbb"], &[]).as_deref(), Some("prod/0"));
+        // A new master: named by its lowest slot.
+        let m = master("dddd0000ffff", vec![(12000, 16383)]);
+        assert_eq!(
+            name(&m, &["dddd0000ffff"], &[]).as_deref(),
+            Some("prod/12000")
+        );
+        // Its lowest slot's name belongs to other nodes' history.
+        let m = master("eeee1111ffff", vec![(5461, 6000)]);
+        assert_eq!(
+            name(&m, &["eeee1111ffff"], &[]).as_deref(),
+            Some("prod/5461-eeee1111")
+        );
+        // The history its node is in is already followed by a running shard.
+        let m = master("cccc", vec![(0, 10)]);
+        assert_eq!(
+            name(&m, &["cccc"], &["prod/5461"]).as_deref(),
+            Some("prod/0-cccc")
+        );
+    }
 }

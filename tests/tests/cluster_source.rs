@@ -1,6 +1,7 @@
 //! A Redis Cluster as the source: one replica link per master shard, found from one node,
 //! followed through a `CLUSTER FAILOVER` with a PSYNC continuation, and a `FLUSHALL` on one
-//! master that empties only that shard's slots on the target.
+//! master that empties only that shard's slots on the target, a slot migration, and kill -9 of
+//! the connector.
 
 use harness::broker::{random_topic, Broker, Storage};
 use harness::cluster::{ClusterClient, RedisCluster};
@@ -171,4 +172,23 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
     );
     writes(&mut client, 6, 300);
     wait_equal(&cluster, &target, &[&source, &sink]);
+
+    // kill -9 of the connector while the cluster takes writes: every shard resumes from its own
+    // checkpoint with a partial resync.
+    let mut source = source;
+    source.kill9();
+    writes(&mut client, 7, 300);
+    source.restart().unwrap();
+    writes(&mut client, 8, 300);
+    wait_equal(&cluster, &target, &[&source, &sink]);
+    for shard in &shards {
+        let metric = |name: &str| source.metric(name, &[("shard", shard)]).unwrap_or(0.0);
+        assert_eq!(
+            metric("source_full_syncs_total"),
+            0.0,
+            "{shard}: {}",
+            source.log()
+        );
+        assert_eq!(metric("source_partial_syncs_total"), 1.0, "{shard}");
+    }
 }
