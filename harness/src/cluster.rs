@@ -33,6 +33,33 @@ impl RedisCluster {
                 dir.subdir(&format!("node-{i}"))?,
             )?);
         }
+        if masters < 3 {
+            // `redis-cli --cluster create` wants three masters; smaller clusters (a 3 → 2
+            // migration target) are formed by hand.
+            anyhow::ensure!(
+                replicas == 0,
+                "a cluster of fewer than 3 masters has no replicas here"
+            );
+            let per = 16384 / masters;
+            for (i, node) in nodes.iter().enumerate() {
+                let first = (i * per).to_string();
+                let last = if i + 1 == masters {
+                    16383
+                } else {
+                    (i + 1) * per - 1
+                }
+                .to_string();
+                let _: () = node.cmd(&["CLUSTER", "SET-CONFIG-EPOCH", &(i + 1).to_string()])?;
+                let _: () = node.cmd(&["CLUSTER", "ADDSLOTSRANGE", &first, &last])?;
+            }
+            for node in &nodes[1..] {
+                let _: () =
+                    node.cmd(&["CLUSTER", "MEET", "127.0.0.1", &nodes[0].port().to_string()])?;
+            }
+            let cluster = RedisCluster { nodes, _dir: dir };
+            cluster.wait_stable()?;
+            return Ok(cluster);
+        }
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(|n| n.addr()));
         args.extend([

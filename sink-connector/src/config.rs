@@ -216,10 +216,6 @@ impl Config {
                 "apply.on_error = \"dead-letter\" needs apply.dead_letter_topic"
             );
         }
-        anyhow::ensure!(
-            self.redis.mode != Mode::Cluster,
-            "redis.mode = \"cluster\" is not supported by this build yet (see README status)"
-        );
         Ok(())
     }
 

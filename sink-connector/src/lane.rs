@@ -105,6 +105,11 @@ pub struct Lane {
     applied: HashMap<String, Position>,
     /// Kafka offset of the last message whose effects the target's checkpoint covers.
     kafka_applied: Option<i64>,
+    /// Cluster targets: the positions each slot's checkpoint holds (read when first needed).
+    slot_applied: HashMap<u16, HashMap<String, Position>>,
+    /// Cluster targets: the slot whose records are being flushed; their checkpoint goes to that
+    /// slot's hash instead of the partition's.
+    batch_slot: Option<u16>,
     /// After (re)loading the checkpoint: the first message must be at or below this offset,
     /// or messages were committed that the target does not hold and the lane seeks back.
     expect_next: Option<i64>,
@@ -120,6 +125,8 @@ pub struct Lane {
 /// A record being applied, with where it came from.
 struct Pending {
     offset: i64,
+    /// The record's slot (none for keyless records).
+    slot: Option<u16>,
     shard: String,
     position: Position,
     capture_ms: i64,
@@ -147,6 +154,8 @@ impl Lane {
             key,
             applied: HashMap::new(),
             kafka_applied: None,
+            slot_applied: HashMap::new(),
+            batch_slot: None,
             expect_next: None,
             rewinding: false,
             control,
@@ -240,6 +249,7 @@ impl Lane {
         self.target.verified();
         self.applied = stored.positions.into_iter().collect();
         self.kafka_applied = stored.kafka_offset;
+        self.slot_applied.clear();
         self.rewinding = false;
         self.expect_next = match stored.kafka_offset {
             Some(offset) => Some(offset + 1),
@@ -279,6 +289,17 @@ impl Lane {
     /// - it holds *less*: it restarted without persistence, or failed over to a replica that had
     ///   not received the last writes. The lane rewinds and applies them again.
     async fn verify_target(&mut self) -> Result<(), Stop> {
+        if self.target.is_cluster() {
+            // Checkpoints are per slot on a cluster: reload them all and go on from the
+            // partition's checkpoint; records each slot already holds are skipped.
+            self.target.verified();
+            tracing::warn!(
+                partition = self.partition,
+                "reconnected to the cluster target {}: reloading the checkpoints it holds",
+                self.target.address()
+            );
+            return Err(Stop::Rewind);
+        }
         let stored = self.read_checkpoint(self.key.clone()).await?;
         self.target.verified();
         let held: HashMap<&str, Position> = stored
@@ -349,6 +370,54 @@ impl Lane {
         self.applied.get(shard).is_some_and(|a| p <= *a)
     }
 
+    /// Cluster targets: whether `slot`'s checkpoint already covers `p` of `shard`.
+    async fn slot_holds(
+        &mut self,
+        slot: Option<u16>,
+        shard: &str,
+        p: Position,
+    ) -> Result<bool, Stop> {
+        let Some(slot) = slot.filter(|_| self.target.is_cluster()) else {
+            return Ok(false);
+        };
+        if !self.slot_applied.contains_key(&slot) {
+            let stored = self.read_checkpoint(self.slot_key(slot)).await?;
+            self.slot_applied
+                .insert(slot, stored.positions.into_iter().collect());
+        }
+        Ok(self.slot_applied[&slot].get(shard).is_some_and(|a| p <= *a))
+    }
+
+    /// Cluster targets: the checkpoint hash of `slot` for this lane.
+    fn slot_key(&self, slot: u16) -> Bytes {
+        Bytes::from(format!(
+            "{}:{{{}}}",
+            String::from_utf8_lossy(&self.key),
+            crate::cluster::slot_tag(slot)
+        ))
+    }
+
+    /// Where the checkpoint of what is being applied goes: the slot's hash on a cluster.
+    fn batch_key(&self) -> Bytes {
+        match self.batch_slot {
+            Some(slot) => self.slot_key(slot),
+            None => self.key.clone(),
+        }
+    }
+
+    /// Records what a batch applied.
+    fn note_applied(&mut self, positions: Vec<(String, Position)>) {
+        if let Some(slot) = self.batch_slot {
+            let held = self.slot_applied.entry(slot).or_default();
+            for (shard, p) in &positions {
+                held.insert(shard.clone(), *p);
+            }
+        }
+        for (shard, p) in positions {
+            self.applied.insert(shard, p);
+        }
+    }
+
     /// Processes a batch of consecutive messages of this partition.
     pub async fn process(&mut self, messages: Vec<OwnedMessage>) -> Result<(), Stop> {
         let mut batch: Vec<Pending> = Vec::new();
@@ -401,7 +470,9 @@ impl Lane {
                 heartbeats.insert(shard, (position, record.capture_time_ms));
                 continue;
             }
+            let slot = record.slot.and_then(|s| u16::try_from(s).ok());
             if self.is_applied(&shard, position)
+                || self.slot_holds(slot, &shard, position).await?
                 || batched.get(&shard).is_some_and(|b| position <= *b)
             {
                 self.skipped_duplicates.increment(1);
@@ -501,6 +572,7 @@ impl Lane {
             }
             batch.push(Pending {
                 offset: message.offset(),
+                slot: record.slot.and_then(|s| u16::try_from(s).ok()),
                 shard,
                 position,
                 capture_ms: record.capture_time_ms,
@@ -592,7 +664,7 @@ impl Lane {
         kafka_offset: i64,
     ) -> Result<(), Stop> {
         let op = self.checkpoint_op(
-            self.key.clone(),
+            self.batch_key(),
             &[(shard.to_owned(), position)],
             Some(kafka_offset),
         );
@@ -603,13 +675,60 @@ impl Lane {
                 return Err(self.halt(&format!("cannot write the checkpoint: {error}")))
             }
         }
-        self.applied.insert(shard.to_owned(), position);
+        self.note_applied(vec![(shard.to_owned(), position)]);
         self.kafka_applied = Some(kafka_offset);
         Ok(())
     }
 
-    /// Applies the pending records and their checkpoint in one transaction.
+    /// Applies the pending records and their checkpoint in one transaction (on a cluster, one
+    /// transaction per slot, then the partition's checkpoint).
     async fn flush(&mut self, batch: &mut Vec<Pending>) -> Result<(), Stop> {
+        if self.target.is_cluster() && !batch.is_empty() {
+            return self.flush_slots(batch).await;
+        }
+        self.flush_one(batch).await
+    }
+
+    /// Cluster targets: the batch split by slot, each part applied with its slot's checkpoint;
+    /// once all are in, the partition's checkpoint (where a restarted lane resumes) moves past
+    /// the whole batch. Slots are independent, so applying them one after another keeps every
+    /// slot's order.
+    async fn flush_slots(&mut self, batch: &mut Vec<Pending>) -> Result<(), Stop> {
+        let through = batch[batch.len() - 1].offset;
+        let mut groups: Vec<(Option<u16>, Vec<Pending>)> = Vec::new();
+        for p in batch.drain(..) {
+            match groups.iter_mut().find(|(s, _)| *s == p.slot) {
+                Some((_, g)) => g.push(p),
+                None => groups.push((p.slot, vec![p])),
+            }
+        }
+        let mut last: HashMap<String, Position> = HashMap::new();
+        for (slot, mut group) in groups {
+            for p in &group {
+                let held = last.entry(p.shard.clone()).or_insert(p.position);
+                *held = (*held).max(p.position);
+            }
+            self.batch_slot = slot;
+            let result = self.flush_one(&mut group).await;
+            self.batch_slot = None;
+            result?;
+        }
+        let positions: Vec<(String, Position)> = last.into_iter().collect();
+        let op = self.checkpoint_op(self.key.clone(), &positions, Some(through));
+        match self.apply(&[op]).await {
+            Ok(()) | Err(ApplyFailure::Continue) => {}
+            Err(ApplyFailure::Stop(s)) => return Err(s),
+            Err(ApplyFailure::Record { error, .. }) => {
+                return Err(self.halt(&format!("cannot write the checkpoint: {error}")))
+            }
+        }
+        self.note_applied(positions);
+        self.kafka_applied = Some(through);
+        Ok(())
+    }
+
+    /// Applies records (all of one slot on a cluster) and their checkpoint in one transaction.
+    async fn flush_one(&mut self, batch: &mut Vec<Pending>) -> Result<(), Stop> {
         while !batch.is_empty() {
             let mut ops: Vec<Op> = Vec::new();
             let mut owner: Vec<usize> = Vec::new();
@@ -621,7 +740,7 @@ impl Lane {
             }
             let positions: Vec<(String, Position)> = last.into_iter().collect();
             let through = batch[batch.len() - 1].offset;
-            ops.push(self.checkpoint_op(self.key.clone(), &positions, Some(through)));
+            ops.push(self.checkpoint_op(self.batch_key(), &positions, Some(through)));
             let started = Instant::now();
             tracing::trace!(
                 partition = self.partition,
@@ -653,9 +772,7 @@ impl Lane {
                         gauge!("sink_lag_seconds", "partition" => self.label.clone())
                             .set((now - p.capture_ms).max(0) as f64 / 1000.0);
                     }
-                    for (shard, p) in positions {
-                        self.applied.insert(shard, p);
-                    }
+                    self.note_applied(positions);
                     self.kafka_applied = Some(through);
                     batch.clear();
                 }
@@ -670,7 +787,7 @@ impl Lane {
                     );
                     // Apply what came before it, then deal with it.
                     let mut before: Vec<Pending> = batch.drain(..culprit).collect();
-                    Box::pin(self.flush(&mut before)).await?;
+                    Box::pin(self.flush_one(&mut before)).await?;
                     self.reject(&p.message, &what).await?;
                     self.checkpoint_only(&p.shard, p.position, p.offset).await?;
                 }
@@ -1040,36 +1157,23 @@ impl Lane {
             scope.iter().any(|r| (r.first..=r.last).contains(&slot))
         };
         let prefix = self.env.cfg.apply.checkpoint_prefix.clone();
-        if self.env.cfg.redis.select {
-            self.target_select(db).await?;
-        }
-        let mut doomed: Vec<Bytes> = Vec::new();
-        let mut cursor = b("0");
-        loop {
-            let v = self
-                .query(&[b("SCAN"), cursor, b("COUNT"), b("1000")])
-                .await?;
-            let Value::Array(reply) = v else {
-                return Err(self.halt("SCAN on the target gave an unexpected reply"));
-            };
-            let mut reply = reply.into_iter();
-            cursor = match reply.next() {
-                Some(Value::BulkString(c)) => Bytes::from(c),
-                _ => return Err(self.halt("SCAN on the target gave no cursor")),
-            };
-            if let Some(Value::Array(keys)) = reply.next() {
-                for k in keys {
-                    if let Value::BulkString(k) = k {
-                        if !k.starts_with(prefix.as_bytes()) && in_scope(&k) {
-                            doomed.push(Bytes::from(k));
-                        }
-                    }
+        let keys = loop {
+            match self.target.scan_keys(db).await {
+                Ok(keys) => break keys,
+                Err(ApplyError::Transient { code, message }) => {
+                    tracing::warn!(
+                        partition = self.partition,
+                        "target: {code} {message}; retrying the scan"
+                    );
+                    self.pause(Duration::from_millis(200)).await?;
                 }
+                Err(e) => return Err(self.halt(&format!("cannot list the target's keys: {e}"))),
             }
-            if cursor.as_ref() == b"0" {
-                break;
-            }
-        }
+        };
+        let doomed: Vec<Bytes> = keys
+            .into_iter()
+            .filter(|k| !k.starts_with(prefix.as_bytes()) && in_scope(k))
+            .collect();
         tracing::info!(
             partition = self.partition,
             "flush from one cluster source shard: deleting {} target keys in its slots",

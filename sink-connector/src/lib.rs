@@ -3,11 +3,13 @@
 //! - [`config`]: the TOML/environment configuration;
 //! - [`convert`]: what a record means as Redis commands (RESTORE, or rebuilt values);
 //! - [`target`]: the target connection, `MULTI/EXEC` batches and error classification;
+//! - [`cluster`]: routing writes and checkpoints on a Redis Cluster target;
 //! - [`lane`]: one ordered lane per partition, checkpoints in the target, barriers;
 //! - [`run`]: the consumer group and rebalances;
 //! - [`verify`]: source and target compared key by key.
 
 pub mod check;
+pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod lane;

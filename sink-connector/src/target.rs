@@ -1,11 +1,13 @@
 //! The target Redis: one connection per lane, batches applied as one `MULTI/EXEC` together with
 //! the lane's checkpoint, and every error classified as retryable or not.
 
-use crate::config::Config;
+use crate::cluster::{self, Routing};
+use crate::config::{Config, Mode};
 use crate::convert::Args;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
+use source_connector::config::Endpoint;
 use std::time::Duration;
 
 /// Why a batch was not applied.
@@ -62,7 +64,23 @@ pub fn is_transient(code: &str) -> bool {
             | "READONLY"
             | "NOMASTERLINK"
             | "MISCONF"
+            // Cluster targets: the slot moved (the map is read again) or is moving.
+            | "MOVED"
+            | "ASK"
     )
+}
+
+/// A command a cluster target cannot run: its keys are in several slots.
+fn cross_slot(args: &[Bytes], op: Option<usize>) -> ApplyError {
+    ApplyError::Permanent {
+        code: "CROSSSLOT".into(),
+        message: format!(
+            "{} touches keys in several slots, which a cluster target cannot run in one command",
+            String::from_utf8_lossy(&args[0]).to_ascii_uppercase()
+        ),
+        op,
+        applied: op.is_some_and(|i| i > 0),
+    }
 }
 
 /// One write: its db (None: wherever the connection is) and arguments.
@@ -88,6 +106,20 @@ pub struct Target {
     /// Set when a reconnection happened: `exec` refuses to write until the lane has compared
     /// the target's checkpoint with what it applied and cleared this (`verified`).
     unverified: bool,
+    mode: Mode,
+    seed: Endpoint,
+    /// A Redis Cluster target: its slot map and a connection per master.
+    cluster: Option<ClusterState>,
+}
+
+/// A cluster target's slot map and node connections.
+#[derive(Default)]
+struct ClusterState {
+    /// Index into `nodes` of every slot's master.
+    owners: Vec<usize>,
+    nodes: Vec<(String, Option<MultiplexedConnection>)>,
+    /// Read the slot map again before the next write (MOVED, a lost node).
+    stale: bool,
 }
 
 impl std::fmt::Debug for Target {
@@ -141,7 +173,15 @@ impl Target {
             databases: None,
             connections: 0,
             unverified: false,
+            mode: cfg.redis.mode,
+            seed: Endpoint::parse(&cfg.redis.url)?,
+            cluster: None,
         })
+    }
+
+    /// Whether the target is a Redis Cluster (known once connected).
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     pub fn address(&self) -> &str {
@@ -150,6 +190,12 @@ impl Target {
 
     fn connection_error(&mut self, e: impl std::fmt::Display) -> ApplyError {
         self.conn = None;
+        if let Some(c) = self.cluster.as_mut() {
+            // A node went away (failover?): read the map again; the lane verifies its
+            // checkpoints before writing, since a reply may have been lost.
+            c.nodes.iter_mut().for_each(|n| n.1 = None);
+            c.stale = true;
+        }
         let text = e.to_string();
         // Authentication problems do not fix themselves.
         let lower = text.to_ascii_lowercase();
@@ -208,6 +254,29 @@ impl Target {
             .ok()
             .and_then(|v| v.get(1).and_then(|n| n.parse().ok()));
         self.current_db = self.client.get_connection_info().redis.db.try_into().ok();
+        let cluster = match self.mode {
+            Mode::Cluster => true,
+            Mode::Auto => {
+                let info: Result<String, _> = redis::cmd("INFO")
+                    .arg("cluster")
+                    .query_async(&mut conn)
+                    .await;
+                info.is_ok_and(|i| i.lines().any(|l| l.trim() == "cluster_enabled:1"))
+            }
+            Mode::Standalone | Mode::Proxy => false,
+        };
+        if cluster && self.cluster.is_none() {
+            tracing::info!("target {} is a Redis Cluster: writes go to each slot's master, checkpoints are kept per slot", self.address);
+            self.cluster = Some(ClusterState {
+                stale: true,
+                ..ClusterState::default()
+            });
+        }
+        if cluster {
+            // A cluster node has db 0 only, whatever `databases` says.
+            self.databases = Some(1);
+            self.current_db = Some(0);
+        }
         self.conn = Some(conn.clone());
         self.connections += 1;
         if self.connections > 1 {
@@ -219,6 +288,12 @@ impl Target {
     /// Runs one command outside a transaction (checkpoint reads, barrier markers).
     pub async fn query(&mut self, args: &[Bytes]) -> Result<Value, ApplyError> {
         let mut conn = self.conn().await?;
+        if self.cluster.is_some() {
+            if args[0].eq_ignore_ascii_case(b"select") {
+                return Ok(Value::Okay);
+            }
+            return self.query_routed(args).await;
+        }
         let mut cmd = redis::Cmd::new();
         for a in args {
             cmd.arg(a.as_ref());
@@ -264,6 +339,19 @@ impl Target {
                 message: format!("target {}: new connection not verified yet", self.address),
             });
         }
+        if self.cluster.is_some() {
+            return self.exec_cluster(ops).await;
+        }
+        self.transaction(&mut conn, ops, self.select).await
+    }
+
+    /// `MULTI`, the ops (with `SELECT` where the db changes when `select`), `EXEC` on `conn`.
+    async fn transaction(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        ops: &[Op],
+        select: bool,
+    ) -> Result<Vec<Value>, ApplyError> {
         let mut pipe = redis::pipe();
         pipe.cmd("MULTI");
         // Index in the EXEC result of each op (SELECTs are results too).
@@ -271,7 +359,7 @@ impl Target {
         let mut queued = 0usize;
         let mut db = self.current_db;
         for op in ops {
-            if self.select {
+            if select {
                 if let Some(want) = op.db {
                     if db != Some(want) {
                         pipe.cmd("SELECT").arg(want);
@@ -294,6 +382,7 @@ impl Target {
             Ok(v) => v,
             Err(e) => return Err(self.connection_error(e)),
         };
+        let mut conn = conn.clone();
         // MULTI and the queued replies: an error there means nothing ran.
         for (i, v) in values.iter().take(n - 1).enumerate() {
             if let Some((code, message)) = server_error(v) {
@@ -341,6 +430,284 @@ impl Target {
             .iter()
             .map(|&r| results.get(r).cloned().unwrap_or(Value::Nil))
             .collect())
+    }
+
+    /// Reads the slot map (`CLUSTER SLOTS`) from the seed node.
+    async fn refresh(&mut self) -> Result<(), ApplyError> {
+        let mut conn = self.conn().await?;
+        let reply: Value = match redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return Err(self.connection_error(e)),
+        };
+        let ranges = cluster::parse_slots(&reply, &self.seed.host);
+        let Some(state) = self.cluster.as_mut() else {
+            return Ok(());
+        };
+        let mut owners = vec![usize::MAX; 16384];
+        for (first, last, host, port) in ranges {
+            let addr = format!("{host}:{port}");
+            let i = match state.nodes.iter().position(|n| n.0 == addr) {
+                Some(i) => i,
+                None => {
+                    state.nodes.push((addr, None));
+                    state.nodes.len() - 1
+                }
+            };
+            for slot in first..=last.min(16383) {
+                owners[usize::from(slot)] = i;
+            }
+        }
+        let uncovered = owners.iter().filter(|&&o| o == usize::MAX).count();
+        state.owners = owners;
+        if uncovered > 0 {
+            return Err(ApplyError::Transient {
+                code: "CLUSTERDOWN".into(),
+                message: format!("target {}: {uncovered} slots have no master", self.address),
+            });
+        }
+        state.stale = false;
+        Ok(())
+    }
+
+    /// The connection to node `i` of the cluster.
+    async fn node(&mut self, i: usize) -> Result<MultiplexedConnection, ApplyError> {
+        let state = self.cluster.as_ref().expect("cluster target");
+        let (addr, conn) = &state.nodes[i];
+        if let Some(c) = conn {
+            return Ok(c.clone());
+        }
+        let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), "6379"));
+        let endpoint =
+            source_connector::cluster::at(&self.seed, host, port.parse().unwrap_or(6379));
+        let url = source_connector::cluster::client_url(&endpoint);
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout * 6);
+        let conn = redis::Client::open(url)
+            .map_err(|e| self.connection_error(e))?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await;
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => return Err(self.connection_error(e)),
+        };
+        if let Some(state) = self.cluster.as_mut() {
+            state.nodes[i].1 = Some(conn.clone());
+        }
+        Ok(conn)
+    }
+
+    /// The connection to the master of `slot`.
+    async fn slot_conn(&mut self, slot: u16) -> Result<MultiplexedConnection, ApplyError> {
+        if self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.stale || c.owners.is_empty())
+        {
+            self.refresh().await?;
+        }
+        let i = self
+            .cluster
+            .as_ref()
+            .map_or(usize::MAX, |c| c.owners[usize::from(slot)]);
+        self.node(i).await
+    }
+
+    /// Connections to every master.
+    async fn masters(&mut self) -> Result<Vec<MultiplexedConnection>, ApplyError> {
+        if self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.stale || c.owners.is_empty())
+        {
+            self.refresh().await?;
+        }
+        let mut owners: Vec<usize> = self
+            .cluster
+            .as_ref()
+            .map(|c| c.owners.clone())
+            .unwrap_or_default();
+        owners.sort_unstable();
+        owners.dedup();
+        let mut conns = Vec::new();
+        for i in owners {
+            conns.push(self.node(i).await?);
+        }
+        Ok(conns)
+    }
+
+    /// A cluster error code means the slot map is out of date.
+    fn note_cluster_error(&mut self, e: &ApplyError) {
+        if matches!(e.code(), "MOVED" | "ASK" | "CLUSTERDOWN" | "TRYAGAIN") {
+            if let Some(c) = self.cluster.as_mut() {
+                c.stale = true;
+            }
+        }
+    }
+
+    /// One command on one node, outside a transaction.
+    async fn one(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        args: &[Bytes],
+    ) -> Result<Value, ApplyError> {
+        let mut cmd = redis::Cmd::new();
+        for a in args {
+            cmd.arg(a.as_ref());
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        match conn.send_packed_commands(&pipe, 0, 1).await {
+            Ok(mut v) => Ok(v.pop().unwrap_or(Value::Nil)),
+            Err(e) => Err(self.connection_error(e)),
+        }
+    }
+
+    /// A non-transactional command on a cluster target, where its keys live.
+    async fn query_routed(&mut self, args: &[Bytes]) -> Result<Value, ApplyError> {
+        let args_vec: Args = args.to_vec();
+        let result = match cluster::routing(&args_vec) {
+            Routing::Slot(slot) => {
+                let mut conn = self.slot_conn(slot).await?;
+                self.one(&mut conn, args).await
+            }
+            Routing::AllMasters | Routing::Anywhere => {
+                let mut last = Value::Nil;
+                for mut conn in self.masters().await? {
+                    last = self.one(&mut conn, args).await?;
+                    if let Some((code, message)) = server_error(&last) {
+                        return Err(ApplyError::refused(code, message, None));
+                    }
+                }
+                Ok(last)
+            }
+            Routing::CrossSlot => Err(cross_slot(args, None)),
+        };
+        let v = result?;
+        if let Some((code, message)) = server_error(&v) {
+            let e = ApplyError::refused(code, message, None);
+            self.note_cluster_error(&e);
+            return Err(e);
+        }
+        Ok(v)
+    }
+
+    /// Applies ops on a cluster target: one `MULTI/EXEC` on the slot's master when they are all
+    /// in one slot (the lane's batches, with their slot checkpoint); otherwise one by one where
+    /// each belongs (barriers and keyless records), which is not atomic.
+    async fn exec_cluster(&mut self, ops: &[Op]) -> Result<Vec<Value>, ApplyError> {
+        if let Some(slot) = cluster::single_slot(ops.iter().map(|o| &o.args)) {
+            let mut conn = self.slot_conn(slot).await?;
+            let result = self.transaction(&mut conn, ops, false).await;
+            if let Err(e) = &result {
+                self.note_cluster_error(e);
+            }
+            return result;
+        }
+        let mut results = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            let v = match cluster::routing(&op.args) {
+                Routing::Slot(slot) => {
+                    let mut conn = self.slot_conn(slot).await?;
+                    self.one(&mut conn, &op.args).await?
+                }
+                Routing::AllMasters => {
+                    let mut last = Value::Okay;
+                    for mut conn in self.masters().await? {
+                        last = self.one(&mut conn, &op.args).await?;
+                        if server_error(&last).is_some() {
+                            break;
+                        }
+                    }
+                    last
+                }
+                Routing::Anywhere => {
+                    let mut conn = self.slot_conn(0).await?;
+                    self.one(&mut conn, &op.args).await?
+                }
+                Routing::CrossSlot => match source_connector::commands::route(&op.args) {
+                    // DEL, UNLINK, MSET, TOUCH …: one command per slot has the same effect.
+                    source_connector::commands::Route::Split(pieces) => {
+                        let mut last = Value::Okay;
+                        for (slot, args) in pieces {
+                            let mut conn = self.slot_conn(slot.get()).await?;
+                            last = self.one(&mut conn, &args).await?;
+                            if server_error(&last).is_some() {
+                                break;
+                            }
+                        }
+                        last
+                    }
+                    _ => return Err(cross_slot(&op.args, Some(i))),
+                },
+            };
+            if let Some((code, message)) = server_error(&v) {
+                if is_transient(&code) {
+                    let e = ApplyError::Transient { code, message };
+                    self.note_cluster_error(&e);
+                    return Err(e);
+                }
+            }
+            results.push(v);
+        }
+        Ok(results)
+    }
+
+    /// Every key of `db` (db 0 on a cluster: every master's keys).
+    pub async fn scan_keys(&mut self, db: u32) -> Result<Vec<Bytes>, ApplyError> {
+        let conns = if self.cluster.is_some() {
+            self.masters().await?
+        } else {
+            if self.select {
+                self.query(&[cluster::b("SELECT"), Bytes::from(db.to_string())])
+                    .await?;
+            }
+            vec![self.conn().await?]
+        };
+        let mut keys = Vec::new();
+        for mut conn in conns {
+            let mut cursor = cluster::b("0");
+            loop {
+                let v = self
+                    .one(
+                        &mut conn,
+                        &[
+                            cluster::b("SCAN"),
+                            cursor,
+                            cluster::b("COUNT"),
+                            cluster::b("1000"),
+                        ],
+                    )
+                    .await?;
+                let Value::Array(reply) = v else {
+                    return Err(ApplyError::Permanent {
+                        code: "SCAN".into(),
+                        message: format!("unexpected SCAN reply {v:?}"),
+                        op: None,
+                        applied: false,
+                    });
+                };
+                let mut reply = reply.into_iter();
+                cursor = match reply.next() {
+                    Some(Value::BulkString(c)) => Bytes::from(c),
+                    _ => cluster::b("0"),
+                };
+                if let Some(Value::Array(found)) = reply.next() {
+                    keys.extend(found.into_iter().filter_map(|k| match k {
+                        Value::BulkString(k) => Some(Bytes::from(k)),
+                        _ => None,
+                    }));
+                }
+                if cursor.as_ref() == b"0" {
+                    break;
+                }
+            }
+        }
+        Ok(keys)
     }
 
     async fn discard(&mut self, conn: &mut MultiplexedConnection) {

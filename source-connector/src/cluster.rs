@@ -103,7 +103,7 @@ pub fn parse_nodes(text: &str) -> Vec<Master> {
 }
 
 /// The URL of `endpoint` for the redis client (credentials kept).
-fn client_url(endpoint: &Endpoint) -> String {
+pub fn client_url(endpoint: &Endpoint) -> String {
     let enc = |s: &str| {
         s.bytes()
             .map(|b| match b {

@@ -1,1 +1,54 @@
-//! End-to-end scenarios live in `tests/tests/`.
+//! End-to-end scenarios live in `tests/tests/`; this holds what several of them share.
+
+use harness::connector::Connector;
+use harness::dataset::{CompareOptions, Dataset};
+use harness::pipeline::CHECKPOINT_PREFIX;
+use std::time::{Duration, Instant};
+
+/// Waits until `actual()` equals `expected()` (checkpoint keys ignored), or panics with the
+/// last differences and the connectors' logs.
+pub fn wait_datasets_equal(
+    expected: impl Fn() -> Dataset,
+    actual: impl Fn() -> Dataset,
+    timeout: Duration,
+    logs: &[&Connector],
+) {
+    let opts = CompareOptions {
+        ignore_prefix: Some(CHECKPOINT_PREFIX.as_bytes().to_vec()),
+        // Redis 7.0 propagates XREADGROUP as XCLAIM … LASTID (see harness::pipeline).
+        stream_entries_read: false,
+        ..CompareOptions::default()
+    };
+    let started = Instant::now();
+    loop {
+        let report = expected().compare(&actual(), &opts);
+        if report.is_equal() {
+            return;
+        }
+        if started.elapsed() > timeout {
+            let logs: Vec<String> = logs
+                .iter()
+                .map(|c| {
+                    let log = c.log();
+                    let mut start = log.len().saturating_sub(8000);
+                    while !log.is_char_boundary(start) {
+                        start += 1;
+                    }
+                    log[start..].to_owned()
+                })
+                .collect();
+            panic!(
+                "target still differs after {timeout:?}:\n{report}\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `ds` with every key moved to db 0 (a cluster target with `redis.db_map`).
+pub fn in_db0(ds: Dataset) -> Dataset {
+    Dataset {
+        keys: ds.keys.into_iter().map(|((_, k), e)| ((0, k), e)).collect(),
+    }
+}

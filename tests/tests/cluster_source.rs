@@ -6,10 +6,10 @@
 use harness::broker::{random_topic, Broker, Storage};
 use harness::cluster::{ClusterClient, RedisCluster};
 use harness::connector::{Connector, Kind};
-use harness::dataset::{self, CompareOptions};
-use harness::pipeline::{self, Options, CHECKPOINT_PREFIX};
+use harness::dataset;
+use harness::pipeline::{self, Options};
 use harness::redis::{RedisConfig, RedisServer};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Counters, lists, appended strings and streams spread over every shard.
 fn writes(client: &mut ClusterClient<'_>, round: u32, n: u32) {
@@ -39,28 +39,12 @@ fn writes(client: &mut ClusterClient<'_>, round: u32, n: u32) {
 }
 
 fn wait_equal(cluster: &RedisCluster, target: &RedisServer, logs: &[&Connector]) {
-    let opts = CompareOptions {
-        ignore_prefix: Some(CHECKPOINT_PREFIX.as_bytes().to_vec()),
-        stream_entries_read: false,
-        ..CompareOptions::default()
-    };
-    let started = Instant::now();
-    loop {
-        let expected = dataset::read(&mut cluster.master_conns()).unwrap();
-        let actual = dataset::read(&mut [target.conn()]).unwrap();
-        let report = expected.compare(&actual, &opts);
-        if report.is_equal() {
-            return;
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            let logs: Vec<String> = logs.iter().map(|c| c.log()).collect();
-            panic!(
-                "target differs from the cluster:\n{report}\n{}",
-                logs.join("\n----\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    tests::wait_datasets_equal(
+        || dataset::read(&mut cluster.master_conns()).unwrap(),
+        || dataset::read(&mut [target.conn()]).unwrap(),
+        Duration::from_secs(120),
+        logs,
+    );
 }
 
 #[test]

@@ -1,0 +1,257 @@
+//! Redis Cluster targets: writes routed to each slot's master, one transaction per slot with
+//! that slot's checkpoint, keyless commands on every master.
+
+use harness::broker::{random_topic, Broker, Storage};
+use harness::cluster::{ClusterClient, RedisCluster};
+use harness::connector::{Connector, Kind};
+use harness::dataset;
+use harness::pipeline::{self, Options};
+use harness::redis::{exec, RedisConfig, RedisServer};
+use std::time::Duration;
+use tests::{in_db0, wait_datasets_equal};
+
+fn target_config() -> RedisConfig {
+    RedisConfig::default().with("maxmemory-policy", "noeviction")
+}
+
+/// Every type in dbs 0, 1 and 15, with key names that do not collide once mapped to db 0.
+fn load_dbs(source: &RedisServer) {
+    let mut conn = source.conn();
+    for db in [b"0".as_slice(), b"1", b"15"] {
+        let tag = String::from_utf8_lossy(db).into_owned();
+        exec(&mut conn, &[b"SELECT", db]);
+        for i in 0..200 {
+            exec(
+                &mut conn,
+                &[b"SET", format!("db{tag}:str:{i}").as_bytes(), b"v"],
+            );
+        }
+        exec(
+            &mut conn,
+            &[
+                b"SET",
+                format!("db{tag}:ttl").as_bytes(),
+                b"v",
+                b"PX",
+                b"3600000",
+            ],
+        );
+        exec(
+            &mut conn,
+            &[b"RPUSH", format!("db{tag}:list").as_bytes(), b"a", b"b"],
+        );
+        exec(
+            &mut conn,
+            &[b"SADD", format!("db{tag}:set").as_bytes(), b"x", b"y"],
+        );
+        exec(
+            &mut conn,
+            &[b"ZADD", format!("db{tag}:zset").as_bytes(), b"1.5", b"m"],
+        );
+        exec(
+            &mut conn,
+            &[b"HSET", format!("db{tag}:hash").as_bytes(), b"f", b"v"],
+        );
+        let stream = format!("db{tag}:stream");
+        exec(&mut conn, &[b"XADD", stream.as_bytes(), b"1-1", b"f", b"v"]);
+        exec(
+            &mut conn,
+            &[b"XGROUP", b"CREATE", stream.as_bytes(), b"g", b"0"],
+        );
+    }
+    exec(&mut conn, &[b"SELECT", b"0"]);
+    // A big hash, chunked on the topic.
+    let mut hset: Vec<Vec<u8>> = vec![b"HSET".to_vec(), b"big-hash".to_vec()];
+    for i in 0..30_000 {
+        hset.push(format!("field-{i}").into_bytes());
+        hset.push(format!("value-{i}-{}", "x".repeat(20)).into_bytes());
+    }
+    let refs: Vec<&[u8]> = hset.iter().map(Vec::as_slice).collect();
+    exec(&mut conn, &refs);
+}
+
+/// Counters, lists, appends and streams, plus multi-key commands split per slot and a
+/// single-slot transaction.
+fn live_writes(source: &RedisServer, round: u32, n: u32) {
+    let mut conn = source.conn();
+    for i in 0..n {
+        let item = format!("{round}:{i}");
+        exec(&mut conn, &[b"INCR", format!("c:{}", i % 40).as_bytes()]);
+        exec(
+            &mut conn,
+            &[
+                b"RPUSH",
+                format!("l:{}", i % 10).as_bytes(),
+                item.as_bytes(),
+            ],
+        );
+        exec(&mut conn, &[b"APPEND", b"log", item.as_bytes()]);
+        if i % 20 == 0 {
+            exec(
+                &mut conn,
+                &[b"XADD", b"db0:stream", b"*", b"i", item.as_bytes()],
+            );
+            exec(
+                &mut conn,
+                &[b"MSET", b"m1", item.as_bytes(), b"m2", item.as_bytes()],
+            );
+            exec(
+                &mut conn,
+                &[b"DEL", format!("db0:str:{i}").as_bytes(), b"m1"],
+            );
+            exec(&mut conn, &[b"MULTI"]);
+            exec(&mut conn, &[b"INCR", b"{tx}a"]);
+            exec(&mut conn, &[b"INCR", b"{tx}b"]);
+            exec(&mut conn, &[b"EXEC"]);
+        }
+    }
+}
+
+/// Standalone source with dbs 0, 1 and 15 into a 3-master cluster, dbs mapped to 0; then
+/// kill -9 of the sink while counters are written: exact values, nothing applied twice.
+#[test]
+fn standalone_with_dbs_to_cluster_with_db_mapping_and_sink_kill9() {
+    let source = RedisServer::start(RedisConfig::default()).unwrap();
+    load_dbs(&source);
+    let cluster = RedisCluster::start(3, 0, target_config()).unwrap();
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let topic = random_topic("to-cluster");
+    let options = Options::default();
+    let source_connector = Connector::start(
+        Kind::Source,
+        &pipeline::source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )
+    .unwrap();
+    let sink_config = pipeline::sink_config(
+        &cluster.nodes()[1].url(),
+        &broker.bootstrap(),
+        &topic,
+        &options,
+    )
+    .replace("[redis]\n", "[redis]\ndb_map = { \"1\" = 0, \"15\" = 0 }\n");
+    let mut sink = Connector::start(Kind::Sink, &sink_config, &[]).unwrap();
+    let expected = || in_db0(dataset::read(&mut [source.conn()]).unwrap());
+    let actual = || dataset::read(&mut cluster.master_conns()).unwrap();
+    wait_datasets_equal(
+        expected,
+        actual,
+        Duration::from_secs(120),
+        &[&source_connector, &sink],
+    );
+
+    live_writes(&source, 1, 600);
+    for round in 2..5 {
+        std::thread::sleep(Duration::from_millis(300));
+        sink.kill9();
+        live_writes(&source, round, 300);
+        sink.restart().unwrap();
+    }
+    live_writes(&source, 5, 300);
+    wait_datasets_equal(
+        expected,
+        actual,
+        Duration::from_secs(120),
+        &[&source_connector, &sink],
+    );
+    let counters: Vec<i64> = (0..40)
+        .map(|i| source.cmd::<i64>(&["GET", &format!("c:{i}")]).unwrap())
+        .collect();
+    assert_eq!(
+        counters.iter().sum::<i64>(),
+        1800,
+        "every INCR applied once on the source side"
+    );
+    // Checkpoints are per slot, in keys that hash to their slot.
+    let mut ckpts = 0;
+    for m in cluster.masters() {
+        let keys: Vec<String> = m.cmd(&["KEYS", "redis-repl:checkpoint:*"]).unwrap();
+        for k in keys {
+            let slot: u16 = m.cmd(&["CLUSTER", "KEYSLOT", &k]).unwrap();
+            assert_eq!(
+                cluster.master_of_slot(slot).unwrap().port(),
+                m.port(),
+                "{k}"
+            );
+            ckpts += 1;
+        }
+    }
+    assert!(ckpts > 10, "{ckpts} checkpoint keys");
+}
+
+fn cluster_writes(client: &mut ClusterClient<'_>, round: u32, n: u32) {
+    for i in 0..n {
+        let item = format!("{round}:{i}");
+        client.exec(&[b"INCR", format!("c:{}", i % 50).as_bytes()]);
+        client.exec(&[
+            b"RPUSH",
+            format!("l:{}", i % 20).as_bytes(),
+            item.as_bytes(),
+        ]);
+        client.exec(&[
+            b"APPEND",
+            format!("log:{}", i % 5).as_bytes(),
+            item.as_bytes(),
+        ]);
+        if i % 10 == 0 {
+            client.exec(&[
+                b"XADD",
+                format!("s:{}", i % 4).as_bytes(),
+                b"*",
+                b"i",
+                item.as_bytes(),
+            ]);
+        }
+    }
+}
+
+/// A 3-master cluster into a 2-master cluster: different slot owners on both sides, and a
+/// FLUSHALL on one source master that empties only its slots on the target.
+#[test]
+fn cluster_three_masters_to_cluster_two_masters() {
+    let source = RedisCluster::start(3, 0, RedisConfig::default()).unwrap();
+    let target = RedisCluster::start(2, 0, target_config()).unwrap();
+    let mut client = source.client();
+    cluster_writes(&mut client, 1, 1000);
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let topic = random_topic("cluster-to-cluster");
+    let options = Options::default();
+    let source_connector = Connector::start(
+        Kind::Source,
+        &pipeline::source_config(
+            &source.nodes()[0].url(),
+            &broker.bootstrap(),
+            &topic,
+            &options,
+        ),
+        &[],
+    )
+    .unwrap();
+    let sink = Connector::start(
+        Kind::Sink,
+        &pipeline::sink_config(
+            &target.nodes()[0].url(),
+            &broker.bootstrap(),
+            &topic,
+            &options,
+        ),
+        &[],
+    )
+    .unwrap();
+    let expected = || dataset::read(&mut source.master_conns()).unwrap();
+    let actual = || dataset::read(&mut target.master_conns()).unwrap();
+    let logs = [&source_connector, &sink];
+    wait_datasets_equal(expected, actual, Duration::from_secs(120), &logs);
+    cluster_writes(&mut client, 2, 1000);
+    wait_datasets_equal(expected, actual, Duration::from_secs(120), &logs);
+    let _: () = source.masters()[1].cmd(&["FLUSHALL"]).unwrap();
+    wait_datasets_equal(expected, actual, Duration::from_secs(120), &logs);
+    let left: usize = target
+        .masters()
+        .iter()
+        .map(|m| m.cmd::<Vec<String>>(&["KEYS", "[lcs]*"]).unwrap().len())
+        .sum();
+    assert!(left > 20, "the other shards' keys stay ({left})");
+    cluster_writes(&mut client, 3, 300);
+    wait_datasets_equal(expected, actual, Duration::from_secs(120), &logs);
+}
