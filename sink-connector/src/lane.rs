@@ -428,6 +428,8 @@ impl Lane {
         // The highest position per shard put into a batch during this call (applied since, or
         // still pending): what a replayed record must exceed.
         let mut batched: HashMap<String, Position> = HashMap::new();
+        // Snapshots whose end marker this call applies: (shard, epoch).
+        let mut snapshots_ended: Vec<(String, u64)> = Vec::new();
         let count = messages.len();
         for message in messages {
             if let Some(expected) = self.expect_next {
@@ -526,6 +528,7 @@ impl Lane {
                     Vec::new()
                 }
                 Body::SnapshotEnd(e) => {
+                    snapshots_ended.push((shard.clone(), position.epoch));
                     tracing::info!(partition = self.partition, shard = %shard, "snapshot of epoch {} ends ({} keys in all partitions, {} function libraries)", position.epoch, e.keys, e.functions.len());
                     // Every lane loads the snapshot's libraries (REPLACE makes it idempotent),
                     // so a later FUNCTION barrier finds them whichever lane leads it.
@@ -581,6 +584,11 @@ impl Lane {
             });
         }
         self.flush(&mut batch).await?;
+        for (shard, epoch) in snapshots_ended {
+            tracing::info!(partition = self.partition, shard = %shard, "snapshot of epoch {epoch} applied on this partition");
+            gauge!("sink_snapshot_applied_epoch", "partition" => self.label.clone(), "shard" => shard)
+                .set(epoch as f64);
+        }
         for (shard, (position, capture_ms)) in heartbeats {
             self.caught_up(&shard, position, capture_ms);
         }

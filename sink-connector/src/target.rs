@@ -642,7 +642,7 @@ impl Target {
                         }
                         last
                     }
-                    _ => return Err(cross_slot(&op.args, Some(i))),
+                    _ => self.emulate(&op.args, i).await?,
                 },
             };
             if let Some((code, message)) = server_error(&v) {
@@ -655,6 +655,120 @@ impl Target {
             results.push(v);
         }
         Ok(results)
+    }
+
+    /// A command whose keys are in several slots, run the way Redis would have run it: its keys
+    /// are copied (`DUMP`/`RESTORE`, with their TTLs) to temporary keys that share one hash tag,
+    /// the command runs there on one node, and the results are copied back (or deleted where
+    /// the command deleted them). Not atomic across nodes: the lane's barrier keeps every other
+    /// write to these keys out meanwhile (ADR 0008).
+    async fn emulate(&mut self, args: &[Bytes], op: usize) -> Result<Value, ApplyError> {
+        let Some(mut indexes) = source_connector::commands::key_indexes(args) else {
+            return Err(cross_slot(args, Some(op)));
+        };
+        indexes.sort_unstable();
+        let tmp = |k: &Bytes| {
+            let mut t = b"{redis-repl-tmp}:".to_vec();
+            t.extend_from_slice(k);
+            Bytes::from(t)
+        };
+        let tmp_slot = proto::key_slot(b"redis-repl-tmp").get();
+        let mut keys: Vec<Bytes> = indexes.iter().map(|&i| args[i].clone()).collect();
+        keys.dedup();
+        let mut tmp_conn = self.slot_conn(tmp_slot).await?;
+        // Copy in.
+        for k in &keys {
+            let mut conn = self.slot_conn(proto::key_slot(k).get()).await?;
+            let (dump, ttl) = self.dump(&mut conn, k).await?;
+            self.checked(&mut tmp_conn, &[cluster::b("DEL"), tmp(k)])
+                .await?;
+            if let Some(dump) = dump {
+                self.checked(
+                    &mut tmp_conn,
+                    &[
+                        cluster::b("RESTORE"),
+                        tmp(k),
+                        Bytes::from(ttl.to_string()),
+                        dump,
+                        cluster::b("REPLACE"),
+                    ],
+                )
+                .await?;
+            }
+        }
+        // Run.
+        let mut rewritten = args.to_vec();
+        for &i in &indexes {
+            rewritten[i] = tmp(&args[i]);
+        }
+        let result = self.one(&mut tmp_conn, &rewritten).await?;
+        // Copy out.
+        for k in &keys {
+            let (dump, ttl) = self.dump(&mut tmp_conn, &tmp(k)).await?;
+            let mut conn = self.slot_conn(proto::key_slot(k).get()).await?;
+            match dump {
+                Some(dump) => {
+                    self.checked(
+                        &mut conn,
+                        &[
+                            cluster::b("RESTORE"),
+                            k.clone(),
+                            Bytes::from(ttl.to_string()),
+                            dump,
+                            cluster::b("REPLACE"),
+                        ],
+                    )
+                    .await?
+                }
+                None => {
+                    self.checked(&mut conn, &[cluster::b("DEL"), k.clone()])
+                        .await?
+                }
+            };
+            self.checked(&mut tmp_conn, &[cluster::b("DEL"), tmp(k)])
+                .await?;
+        }
+        Ok(result)
+    }
+
+    /// `DUMP` and remaining TTL in ms (0: none) of a key; `None` when it does not exist.
+    async fn dump(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        key: &Bytes,
+    ) -> Result<(Option<Bytes>, i64), ApplyError> {
+        let dump = match self
+            .checked(conn, &[cluster::b("DUMP"), key.clone()])
+            .await?
+        {
+            Value::BulkString(d) => Bytes::from(d),
+            _ => return Ok((None, 0)),
+        };
+        let ttl = match self
+            .checked(conn, &[cluster::b("PTTL"), key.clone()])
+            .await?
+        {
+            Value::Int(ms) if ms > 0 => ms,
+            _ => 0,
+        };
+        Ok((Some(dump), ttl))
+    }
+
+    /// One command whose error reply is an error of the write.
+    async fn checked(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        args: &[Bytes],
+    ) -> Result<Value, ApplyError> {
+        let v = self.one(conn, args).await?;
+        match server_error(&v) {
+            Some((code, message)) => {
+                let e = ApplyError::refused(code, message, None);
+                self.note_cluster_error(&e);
+                Err(e)
+            }
+            None => Ok(v),
+        }
     }
 
     /// Every key of `db` (db 0 on a cluster: every master's keys).

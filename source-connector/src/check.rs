@@ -81,6 +81,25 @@ fn check_redis(config: &Config, url: &str, report: &mut Report) -> Option<String
         )),
         None => {}
     }
+    if let Ok(endpoint) = Endpoint::parse(&config.redis.url) {
+        match crate::cluster::discover(&endpoint, timeout) {
+            Ok(Some(masters)) => report.ok(format!(
+                "source: Redis Cluster; one replica link per master: {}",
+                masters
+                    .iter()
+                    .map(|m| format!(
+                        "{} (slots from {}, {} replica(s))",
+                        m.address(),
+                        m.anchor().unwrap_or(0),
+                        m.replicas.len()
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Ok(None) => {}
+            Err(e) => report.warn(format!("source: cluster topology not read: {e}")),
+        }
+    }
     let backlog: u64 = info_field(&info, "repl_backlog_size")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);

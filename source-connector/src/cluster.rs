@@ -126,19 +126,41 @@ pub fn client_url(endpoint: &Endpoint) -> String {
 /// What one node says about the cluster: `None` when it is not in cluster mode.
 pub fn discover(endpoint: &Endpoint, timeout: Duration) -> Result<Option<Vec<Master>>, String> {
     let address = endpoint.address();
-    let mut conn = redis::Client::open(client_url(endpoint))
-        .and_then(|c| c.get_connection_with_timeout(timeout))
-        .map_err(|e| format!("source {address}: {e}"))?;
+    let conn = redis::Client::open(client_url(endpoint))
+        .and_then(|c| c.get_connection_with_timeout(timeout));
+    let mut conn = match conn {
+        Ok(c) => c,
+        // Wrong credentials: the replica link's handshake reports them (and stops) the same
+        // way for a standalone server and a cluster node.
+        Err(e)
+            if e.kind() == redis::ErrorKind::AuthenticationFailed
+                || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM")) =>
+        {
+            tracing::debug!("source {address}: {e}");
+            return Ok(None);
+        }
+        Err(e) => return Err(format!("source {address}: {e}")),
+    };
     let _ = conn.set_read_timeout(Some(timeout));
     // `CLUSTER NODES` answers "ERR This instance has cluster support disabled" on a standalone
     // server; INFO may be forbidden to a least-privilege user, so ask the cluster directly.
     let nodes: redis::RedisResult<String> = redis::cmd("CLUSTER").arg("NODES").query(&mut conn);
     match nodes {
         Ok(text) => Ok(Some(parse_nodes(&text))),
-        Err(e) if e.to_string().contains("cluster support disabled") => Ok(None),
-        Err(e) => Err(format!(
-            "source {address}: CLUSTER NODES failed: {e} (a cluster source needs +cluster|nodes, docs/security.md)"
-        )),
+        // No answer: retry later.
+        Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+            Err(format!("source {address}: {e}"))
+        }
+        Err(e) if e.code() == Some("NOPERM") => {
+            tracing::warn!("source {address}: CLUSTER NODES refused ({e}); cannot tell whether the source is a cluster, so only this node is replicated (grant +cluster|nodes, docs/security.md)");
+            Ok(None)
+        }
+        // "cluster support disabled", or a server without the command (before 3.0, some
+        // proxies): a standalone source.
+        Err(e) => {
+            tracing::debug!("source {address}: CLUSTER NODES: {e}: a standalone source");
+            Ok(None)
+        }
     }
 }
 

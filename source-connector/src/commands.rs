@@ -200,6 +200,11 @@ fn key_positions(args: &[Bytes]) -> Option<(Vec<usize>, bool)> {
     Some((positions, decomposable))
 }
 
+/// The argument positions of a command's keys, or `None` when it concerns no key.
+pub fn key_indexes(args: &[Bytes]) -> Option<Vec<usize>> {
+    key_positions(args).map(|(positions, _)| positions)
+}
+
 /// The slots a command's keys are in, or `None` when it concerns no single key.
 pub fn slots(args: &[Bytes]) -> Option<Vec<Slot>> {
     let (positions, _) = key_positions(args)?;

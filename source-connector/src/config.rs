@@ -13,6 +13,8 @@ pub struct Config {
     #[serde(default)]
     pub snapshot: SnapshotConfig,
     #[serde(default)]
+    pub sync: SyncConfig,
+    #[serde(default)]
     pub metrics: MetricsConfig,
 }
 
@@ -70,6 +72,27 @@ pub struct KafkaConfig {
     /// Passed to librdkafka as is (for example `security.protocol`, `sasl.*`, `linger.ms`).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+/// What the connector copies, like the sync types of managed migration services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncMode {
+    /// The snapshot, then every write after it (the default).
+    #[default]
+    FullAndIncremental,
+    /// The snapshot only: the connector exits once Kafka holds all of it.
+    Full,
+    /// Writes from now on only: the snapshot's keys are not published. Unsafe for consistency:
+    /// keys written before are missing or stale on the target.
+    Incremental,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    #[serde(default)]
+    pub mode: SyncMode,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -5,7 +5,7 @@
 //! caller reconnects with backoff and resumes from the durable checkpoint.
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::{Config, Endpoint};
+use crate::config::{Config, Endpoint, SyncMode};
 use crate::publish::{PublishError, Publisher};
 use crate::rdb;
 use crate::records::{Builder, Mark};
@@ -27,6 +27,9 @@ pub enum LinkError {
     /// Retrying cannot help until an operator acts (authentication, permissions).
     #[error("{0}")]
     Fatal(String),
+    /// Nothing left to do: `sync.mode = "full"` and the snapshot is in Kafka.
+    #[error("{0}")]
+    Done(String),
 }
 
 impl From<PublishError> for LinkError {
@@ -241,6 +244,12 @@ pub async fn session(
                 &mut conn, shared, publisher, &replid, offset, epoch, shutdown,
             )
             .await?;
+            if cfg.sync.mode == SyncMode::Full {
+                return Err(LinkError::Done(format!(
+                    "sync.mode = \"full\": the snapshot of epoch {epoch} ({} keys) is in Kafka; stopping",
+                    builder.keys()
+                )));
+            }
             (builder, replid, offset)
         }
         PsyncReply::Continue { new_replid } => {
@@ -393,6 +402,11 @@ async fn full_sync(
         dump_limit_bytes: cfg.snapshot.piece_bytes,
         ..rdb::Config::default()
     });
+    let publish_keys = cfg.sync.mode != SyncMode::Incremental;
+    if !publish_keys {
+        tracing::warn!(shard = %shard, "sync.mode = \"incremental\": the keys of this snapshot (epoch {epoch}) are not published; the target gets only the writes from offset {offset} on, and keys written before are missing or stale there");
+        counter!("source_snapshots_skipped_total", "shard" => shard.clone()).increment(1);
+    }
     let mut received: u64 = 0;
     let mut last_progress = Instant::now();
     let started = Instant::now();
@@ -414,6 +428,14 @@ async fn full_sync(
             })?;
             let Some(item) = item else { break };
             for out in builder.rdb_item(item, &start) {
+                if !publish_keys
+                    && matches!(
+                        out.record.body,
+                        Some(v1::record::Body::KeyEntry(_) | v1::record::Body::KeyChunk(_))
+                    )
+                {
+                    continue;
+                }
                 publisher.publish(out).await?;
             }
         }

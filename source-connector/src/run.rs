@@ -172,11 +172,6 @@ async fn topology(
                 "source {}: cluster mode but no master serves slots yet; retrying",
                 endpoint.address()
             ),
-            Err(e) if e.contains("NOPERM") => {
-                tracing::warn!("{e}; replicating this node only, as a standalone source");
-                return Ok(None);
-            }
-            Err(e) if e.contains("WRONGPASS") || e.contains("NOAUTH") => anyhow::bail!("{e}"),
             Err(e) => tracing::error!("{e}; retrying in {backoff:?}"),
         }
         tokio::select! {
@@ -256,8 +251,10 @@ async fn run_cluster(
         tokio::select! {
             done = tasks.join_next() => {
                 match done {
-                    // A shard loop ends on shutdown or a fatal error; either ends the connector.
-                    Some(Ok(Ok(()))) | None => return Ok(()),
+                    // A shard loop ends on shutdown, when its work is done (sync.mode = "full"),
+                    // or on a fatal error, which ends the connector.
+                    Some(Ok(Ok(()))) => continue,
+                    None => return Ok(()),
                     Some(Ok(Err(e))) => return Err(e),
                     Some(Err(e)) => anyhow::bail!("a shard loop panicked: {e}"),
                 }
@@ -435,6 +432,12 @@ async fn shard_loop(
             tracing::info!(shard = %shard, "no checkpoint in {}: starting with a full sync", ctx.checkpoint_topic)
         }
     }
+    if config.sync.mode == crate::config::SyncMode::Full {
+        if let Some(c) = loaded.as_ref().filter(|c| c.snapshot_done) {
+            tracing::info!(shard = %shard, "sync.mode = \"full\": the snapshot of epoch {} is already in Kafka; nothing left to do", c.epoch);
+            return Ok(());
+        }
+    }
     let mut shared = Shared {
         config: config.clone(),
         shard: shard.clone(),
@@ -475,6 +478,10 @@ async fn shard_loop(
         let reason = match &e {
             LinkError::Transient(_) => "transient",
             LinkError::Fatal(_) => "fatal",
+            LinkError::Done(message) => {
+                tracing::info!(shard = %shard, "{message}");
+                return Ok(());
+            }
         };
         counter!("source_link_errors_total", "shard" => shard.clone(), "kind" => reason)
             .increment(1);

@@ -2,17 +2,18 @@
 
 use harness::connector::Connector;
 use harness::dataset::{CompareOptions, Dataset};
-use harness::pipeline::CHECKPOINT_PREFIX;
+use harness::pipeline::{Recovery, CHECKPOINT_PREFIX};
 use std::time::{Duration, Instant};
 
 /// Waits until `actual()` equals `expected()` (checkpoint keys ignored), or panics with the
-/// last differences and the connectors' logs.
+/// last differences and the connectors' logs. Returns how long that took and the worst
+/// `sink_lag_seconds` seen meanwhile.
 pub fn wait_datasets_equal(
     expected: impl Fn() -> Dataset,
     actual: impl Fn() -> Dataset,
     timeout: Duration,
     logs: &[&Connector],
-) {
+) -> Recovery {
     let opts = CompareOptions {
         ignore_prefix: Some(CHECKPOINT_PREFIX.as_bytes().to_vec()),
         // Redis 7.0 propagates XREADGROUP as XCLAIM … LASTID (see harness::pipeline).
@@ -20,10 +21,20 @@ pub fn wait_datasets_equal(
         ..CompareOptions::default()
     };
     let started = Instant::now();
+    let mut worst_lag_s: f64 = 0.0;
     loop {
+        for c in logs {
+            for p in 0..16 {
+                let lag = c.metric("sink_lag_seconds", &[("partition", &p.to_string())]);
+                worst_lag_s = worst_lag_s.max(lag.unwrap_or(0.0));
+            }
+        }
         let report = expected().compare(&actual(), &opts);
         if report.is_equal() {
-            return;
+            return Recovery {
+                seconds: started.elapsed().as_secs_f64(),
+                worst_lag_s,
+            };
         }
         if started.elapsed() > timeout {
             let logs: Vec<String> = logs

@@ -38,13 +38,17 @@ fn writes(client: &mut ClusterClient<'_>, round: u32, n: u32) {
     }
 }
 
-fn wait_equal(cluster: &RedisCluster, target: &RedisServer, logs: &[&Connector]) {
+fn wait_equal(
+    cluster: &RedisCluster,
+    target: &RedisServer,
+    logs: &[&Connector],
+) -> harness::pipeline::Recovery {
     tests::wait_datasets_equal(
         || dataset::read(&mut cluster.master_conns()).unwrap(),
         || dataset::read(&mut [target.conn()]).unwrap(),
         Duration::from_secs(120),
         logs,
-    );
+    )
 }
 
 #[test]
@@ -96,7 +100,13 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
     let promoted = cluster.replica_of(old).unwrap().port();
     cluster.failover(promoted).unwrap();
     writes(&mut client, 3, 1500);
-    wait_equal(&cluster, &target, &[&source, &sink]);
+    let recovery = wait_equal(&cluster, &target, &[&source, &sink]);
+    harness::pipeline::record_reliability(
+        "cluster source master fails over (CLUSTER FAILOVER)",
+        1,
+        3 * 1500 + 150,
+        recovery,
+    );
     harness::wait_for(
         "the shard's link to move to the promoted master",
         Duration::from_secs(30),
@@ -164,7 +174,13 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
     writes(&mut client, 7, 300);
     source.restart().unwrap();
     writes(&mut client, 8, 300);
-    wait_equal(&cluster, &target, &[&source, &sink]);
+    let recovery = wait_equal(&cluster, &target, &[&source, &sink]);
+    harness::pipeline::record_reliability(
+        "kill -9 of the source connector, cluster source",
+        1,
+        2 * (3 * 300 + 30),
+        recovery,
+    );
     for shard in &shards {
         let metric = |name: &str| source.metric(name, &[("shard", shard)]).unwrap_or(0.0);
         assert_eq!(

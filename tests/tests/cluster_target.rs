@@ -70,10 +70,50 @@ fn load_dbs(source: &RedisServer) {
     exec(&mut conn, &refs);
 }
 
-/// Counters, lists, appends and streams, plus multi-key commands split per slot and a
-/// single-slot transaction.
+/// Counters, lists, appends and streams, multi-key commands split per slot, a single-slot
+/// transaction, and multi-slot commands (RENAME, SMOVE, LMOVE, SUNIONSTORE, a cross-slot MULTI).
 fn live_writes(source: &RedisServer, round: u32, n: u32) {
     let mut conn = source.conn();
+    // Multi-slot commands: the sink runs them on temporary keys under one hash tag.
+    let renamed = format!("renamed:{round}");
+    exec(
+        &mut conn,
+        &[
+            b"RENAME",
+            format!("db0:str:{}", 100 + round).as_bytes(),
+            renamed.as_bytes(),
+        ],
+    );
+    exec(
+        &mut conn,
+        &[b"SADD", b"db0:set", format!("m{round}").as_bytes()],
+    );
+    exec(
+        &mut conn,
+        &[
+            b"SMOVE",
+            b"db0:set",
+            b"other-set",
+            format!("m{round}").as_bytes(),
+        ],
+    );
+    exec(
+        &mut conn,
+        &[b"RPUSH", b"db0:list", format!("e{round}").as_bytes()],
+    );
+    exec(
+        &mut conn,
+        &[b"LMOVE", b"db0:list", b"other-list", b"LEFT", b"RIGHT"],
+    );
+    exec(
+        &mut conn,
+        &[b"SUNIONSTORE", b"union", b"db0:set", b"other-set"],
+    );
+    exec(&mut conn, &[b"PEXPIRE", b"union", b"3600000"]);
+    exec(&mut conn, &[b"MULTI"]);
+    exec(&mut conn, &[b"INCR", b"cross-a"]);
+    exec(&mut conn, &[b"INCR", b"cross-b"]);
+    exec(&mut conn, &[b"EXEC"]);
     for i in 0..n {
         let item = format!("{round}:{i}");
         exec(&mut conn, &[b"INCR", format!("c:{}", i % 40).as_bytes()]);
@@ -148,11 +188,17 @@ fn standalone_with_dbs_to_cluster_with_db_mapping_and_sink_kill9() {
         sink.restart().unwrap();
     }
     live_writes(&source, 5, 300);
-    wait_datasets_equal(
+    let recovery = wait_datasets_equal(
         expected,
         actual,
         Duration::from_secs(120),
         &[&source_connector, &sink],
+    );
+    harness::pipeline::record_reliability(
+        "kill -9 of the sink connector, cluster target",
+        3,
+        600 * 4 + 3 * 300 * 4,
+        recovery,
     );
     let counters: Vec<i64> = (0..40)
         .map(|i| source.cmd::<i64>(&["GET", &format!("c:{i}")]).unwrap())
