@@ -42,7 +42,10 @@ fn check_kafka(config: &Config, report: &mut Report) -> Option<u32> {
 fn check_target(config: &Config, partitions: Option<u32>, report: &mut Report) {
     let url = redact_url(&config.redis.url);
     let timeout = Duration::from_secs(config.redis.timeout_s);
-    let mut conn = match redis::Client::open(config.redis.url.as_str())
+    let mut conn = match config
+        .redis
+        .tls()
+        .redis_client(config.redis.url.as_str())
         .and_then(|c| c.get_connection_with_timeout(timeout))
     {
         Ok(c) => c,

@@ -108,6 +108,7 @@ pub struct Target {
     unverified: bool,
     mode: Mode,
     seed: Endpoint,
+    tls: source_connector::tls::TlsFiles,
     /// A Redis Cluster target: its slot map and a connection per master.
     cluster: Option<ClusterState>,
 }
@@ -156,12 +157,16 @@ pub fn runtime_error(results: &[Value], ignore: impl Fn(&str) -> bool) -> Option
 
 impl Target {
     pub fn new(cfg: &Config) -> anyhow::Result<Target> {
-        let client = redis::Client::open(cfg.redis.url.as_str()).map_err(|e| {
-            anyhow::anyhow!(
-                "redis.url {}: {e}",
-                service::config::redact_url(&cfg.redis.url)
-            )
-        })?;
+        let client = cfg
+            .redis
+            .tls()
+            .redis_client(cfg.redis.url.as_str())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "redis.url {}: {e}",
+                    service::config::redact_url(&cfg.redis.url)
+                )
+            })?;
         Ok(Target {
             client,
             conn: None,
@@ -174,6 +179,7 @@ impl Target {
             connections: 0,
             unverified: false,
             mode: cfg.redis.mode,
+            tls: cfg.redis.tls(),
             seed: Endpoint::parse(&cfg.redis.url)?,
             cluster: None,
         })
@@ -487,7 +493,9 @@ impl Target {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(self.timeout)
             .set_response_timeout(self.timeout * 6);
-        let conn = redis::Client::open(url)
+        let conn = self
+            .tls
+            .redis_client(&url)
             .map_err(|e| self.connection_error(e))?
             .get_multiplexed_async_connection_with_config(&config)
             .await;

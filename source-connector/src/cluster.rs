@@ -114,27 +114,34 @@ pub fn client_url(endpoint: &Endpoint) -> String {
             })
             .collect::<String>()
     };
+    let scheme = if endpoint.tls { "rediss" } else { "redis" };
     let auth = match (&endpoint.user, &endpoint.password) {
         (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
         (None, Some(p)) => format!(":{}@", enc(p)),
         (Some(u), None) => format!("{}@", enc(u)),
         (None, None) => String::new(),
     };
-    format!("redis://{auth}{}:{}", endpoint.host, endpoint.port)
+    format!("{scheme}://{auth}{}:{}", endpoint.host, endpoint.port)
 }
 
 /// What one node says about the cluster: `None` when it is not in cluster mode.
-pub fn discover(endpoint: &Endpoint, timeout: Duration) -> Result<Option<Vec<Master>>, String> {
+pub fn discover(
+    endpoint: &Endpoint,
+    tls: &crate::tls::TlsFiles,
+    timeout: Duration,
+) -> Result<Option<Vec<Master>>, String> {
     let address = endpoint.address();
-    let conn = redis::Client::open(client_url(endpoint))
+    let conn = tls
+        .redis_client(&client_url(endpoint))
         .and_then(|c| c.get_connection_with_timeout(timeout));
     let mut conn = match conn {
         Ok(c) => c,
-        // Wrong credentials: the replica link's handshake reports them (and stops) the same
-        // way for a standalone server and a cluster node.
+        // Wrong credentials or certificates: the replica link's handshake reports them (and
+        // stops) the same way for a standalone server and a cluster node.
         Err(e)
             if e.kind() == redis::ErrorKind::AuthenticationFailed
-                || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM")) =>
+                || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+                || (endpoint.tls && is_tls_failure(&e)) =>
         {
             tracing::debug!("source {address}: {e}");
             return Ok(None);
@@ -164,11 +171,21 @@ pub fn discover(endpoint: &Endpoint, timeout: Duration) -> Result<Option<Vec<Mas
     }
 }
 
+/// A TLS handshake that failed on the certificates (the replica link reports it as fatal).
+fn is_tls_failure(e: &redis::RedisError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("certificate") || text.contains("handshake") || text.contains("tls")
+}
+
 /// Asks each known node in turn until one answers with a topology.
-pub fn discover_any(seeds: &[Endpoint], timeout: Duration) -> Result<Vec<Master>, String> {
+pub fn discover_any(
+    seeds: &[Endpoint],
+    tls: &crate::tls::TlsFiles,
+    timeout: Duration,
+) -> Result<Vec<Master>, String> {
     let mut errors = Vec::new();
     for seed in seeds {
-        match discover(seed, timeout) {
+        match discover(seed, tls, timeout) {
             Ok(Some(masters)) if !masters.is_empty() => return Ok(masters),
             Ok(Some(_)) => errors.push(format!("{}: no master with slots", seed.address())),
             Ok(None) => errors.push(format!("{}: not in cluster mode", seed.address())),

@@ -27,4 +27,5 @@ pub mod records;
 pub mod replica;
 pub mod resp;
 pub mod run;
+pub mod tls;
 pub mod transfer;

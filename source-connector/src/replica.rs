@@ -85,13 +85,12 @@ struct Conn {
 }
 
 impl Conn {
-    async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Conn, LinkError> {
+    async fn connect(
+        endpoint: &Endpoint,
+        timeout: Duration,
+        tls: &crate::tls::TlsFiles,
+    ) -> Result<Conn, LinkError> {
         let address = endpoint.address();
-        if endpoint.tls {
-            return Err(LinkError::Fatal(format!(
-                "source {address}: rediss:// (TLS) is not supported by this build yet"
-            )));
-        }
         let stream = tokio::time::timeout(timeout, TcpStream::connect(&address))
             .await
             .map_err(|_| {
@@ -101,10 +100,35 @@ impl Conn {
             })?
             .map_err(|e| LinkError::Transient(format!("source {address}: cannot connect: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (rd, wr) = stream.into_split();
+        let (rd, wr): (Reader, Writer) = if endpoint.tls {
+            let config = tls
+                .client_config()
+                .map_err(|e| LinkError::Fatal(format!("source {address}: {e}")))?;
+            let stream =
+                tokio::time::timeout(timeout, crate::tls::connect(config, &endpoint.host, stream))
+                    .await
+                    .map_err(|_| {
+                        LinkError::Transient(format!("source {address}: TLS handshake timed out"))
+                    })?
+                    .map_err(|e| {
+                        // A certificate the configured CA did not sign does not fix itself.
+                        let fatal = e.kind() == std::io::ErrorKind::InvalidData;
+                        let message = format!("source {address}: TLS handshake failed: {e}");
+                        if fatal {
+                            LinkError::Fatal(message)
+                        } else {
+                            LinkError::Transient(message)
+                        }
+                    })?;
+            let (rd, wr) = tokio::io::split(stream);
+            (Box::new(rd), Box::new(wr))
+        } else {
+            let (rd, wr) = stream.into_split();
+            (Box::new(rd), Box::new(wr))
+        };
         Ok(Conn {
-            rd: Box::new(rd),
-            wr: Box::new(wr),
+            rd,
+            wr,
             buf: Vec::with_capacity(READ_CHUNK),
             address,
             timeout,
@@ -189,7 +213,7 @@ pub async fn session(
     let cfg = shared.config.clone();
     let shard = shared.shard.clone();
     let timeout = Duration::from_secs(cfg.redis.timeout_s);
-    let mut conn = Conn::connect(&shared.endpoint, timeout).await?;
+    let mut conn = Conn::connect(&shared.endpoint, timeout, &cfg.redis.tls()).await?;
     let address = conn.address.clone();
 
     // Handshake.

@@ -150,6 +150,7 @@ struct Follow {
     /// (what Kafka acknowledged is checkpointed) and the loop reconnects to the new master.
     relink: watch::Receiver<()>,
     migrations: Arc<cluster::Migrations>,
+    tls: crate::tls::TlsFiles,
     /// The slots the shard serves, as the watcher sees them.
     scope: watch::Receiver<Vec<(u16, u16)>>,
 }
@@ -164,7 +165,9 @@ async fn topology(
     let mut shutdown = ctx.shutdown.clone();
     loop {
         let seed = endpoint.clone();
-        let answer = tokio::task::spawn_blocking(move || cluster::discover(&seed, timeout)).await?;
+        let tls = ctx.config.redis.tls();
+        let answer =
+            tokio::task::spawn_blocking(move || cluster::discover(&seed, &tls, timeout)).await?;
         match answer {
             Ok(None) => return Ok(None),
             Ok(Some(masters)) if !masters.is_empty() => return Ok(Some(masters)),
@@ -223,6 +226,7 @@ async fn run_cluster(
             seed: seed.clone(),
             relink: rx,
             migrations: Arc::clone(&migrations),
+            tls: ctx.config.redis.tls(),
             scope: scope_rx,
         };
         let endpoint = cluster::at(&seed, &master.host, master.port);
@@ -267,8 +271,9 @@ async fn run_cluster(
             return Ok(());
         }
         let known = seeds.lock().map(|s| s.clone()).unwrap_or_default();
+        let tls = ctx.config.redis.tls();
         let masters =
-            match tokio::task::spawn_blocking(move || cluster::discover_any(&known, timeout))
+            match tokio::task::spawn_blocking(move || cluster::discover_any(&known, &tls, timeout))
                 .await?
             {
                 Ok(m) => m,
@@ -387,7 +392,8 @@ async fn resolve(
 ) -> Result<cluster::Master, LinkError> {
     let mut known = follow.seeds.lock().map(|s| s.clone()).unwrap_or_default();
     known.push(follow.seed.clone());
-    let masters = tokio::task::spawn_blocking(move || cluster::discover_any(&known, timeout))
+    let tls = follow.tls.clone();
+    let masters = tokio::task::spawn_blocking(move || cluster::discover_any(&known, &tls, timeout))
         .await
         .map_err(|e| LinkError::Transient(e.to_string()))?
         .map_err(LinkError::Transient)?;

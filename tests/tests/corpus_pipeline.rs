@@ -132,11 +132,16 @@ fn every_capture_through_the_pipeline() {
                     .unwrap()
                     .as_millis() as i64;
                 let want = without_expiring(expected.clone(), now, relative_ttls);
-                let got = without_expiring(
+                let mut got = without_expiring(
                     dataset::read(&mut [target.conn()]).unwrap(),
                     now,
                     relative_ttls,
                 );
+                // Keys whose captured absolute expiry is already past (the corpus ages): the sink
+                // defers such expiries by `apply.expired_grace_ms` instead of deleting at once
+                // (docs/semantics.md), so they are left out on both sides.
+                got.keys
+                    .retain(|k, _| want.keys.contains_key(k) || !expected.keys.contains_key(k));
                 let report = want.compare(&got, &opts);
                 if report.is_equal() {
                     eprintln!(
