@@ -15,7 +15,7 @@ RUN cargo build --release --locked -p source-connector -p sink-connector \
 # Runtime stage: glibc, CA certificates, an unprivileged user, nothing else.
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl \
+ && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home redis-repl
 COPY --from=build /out/ /usr/local/bin/

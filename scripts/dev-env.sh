@@ -34,12 +34,18 @@ install_redis() {
 
 install_build_deps() {
   # rdkafka builds librdkafka from source: it needs make, perl and a C compiler (present), and
-  # zlib is vendored by libz-sys when missing. Nothing else is required.
+  # zlib is vendored by libz-sys when missing.
   # curl: scripts/run-local.sh reads the connectors' /metrics with it.
   if ! command -v make >/dev/null || ! command -v perl >/dev/null || ! command -v curl >/dev/null; then
     log "installing make, perl and curl"
     as_root apt-get update -qq >&2
     as_root apt-get install -y -qq --no-install-recommends make perl curl >&2
+  fi
+  # librdkafka is built with OpenSSL (TLS and SASL SCRAM to Kafka): headers and pkg-config.
+  if ! command -v pkg-config >/dev/null || ! pkg-config --exists openssl; then
+    log "installing libssl-dev and pkg-config"
+    as_root apt-get update -qq >&2
+    as_root apt-get install -y -qq --no-install-recommends libssl-dev pkg-config >&2
   fi
 }
 

@@ -44,7 +44,7 @@ fn check_target(config: &Config, partitions: Option<u32>, report: &mut Report) {
     let timeout = Duration::from_secs(config.redis.timeout_s);
     let mut conn = match config
         .redis
-        .tls()
+        .tls
         .redis_client(config.redis.url.as_str())
         .and_then(|c| c.get_connection_with_timeout(timeout))
     {

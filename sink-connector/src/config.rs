@@ -47,26 +47,9 @@ pub struct RedisConfig {
     /// Seconds to wait for a connection or a reply.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
-    /// `rediss://`: PEM file with the CA certificate(s) that sign the server's certificate
-    /// (default: the public web PKI roots).
+    /// `rediss://`: the CA and client certificate files (`[redis.tls]`).
     #[serde(default)]
-    pub tls_ca_file: Option<std::path::PathBuf>,
-    /// `rediss://`: client certificate and key (PEM), for servers with `tls-auth-clients yes`.
-    #[serde(default)]
-    pub tls_cert_file: Option<std::path::PathBuf>,
-    #[serde(default)]
-    pub tls_key_file: Option<std::path::PathBuf>,
-}
-
-impl RedisConfig {
-    /// The TLS files of a `rediss://` URL.
-    pub fn tls(&self) -> source_connector::tls::TlsFiles {
-        source_connector::tls::TlsFiles {
-            ca: self.tls_ca_file.clone(),
-            cert: self.tls_cert_file.clone(),
-            key: self.tls_key_file.clone(),
-        }
-    }
+    pub tls: source_connector::tls::TlsFiles,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,8 +201,8 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         let endpoint = source_connector::config::Endpoint::parse(&self.redis.url)?;
-        if endpoint.tls || self.redis.tls() != source_connector::tls::TlsFiles::default() {
-            self.redis.tls().validate("redis")?;
+        if endpoint.tls || self.redis.tls != source_connector::tls::TlsFiles::default() {
+            self.redis.tls.validate("redis")?;
         }
         anyhow::ensure!(!self.kafka.topic.is_empty(), "kafka.topic is empty");
         anyhow::ensure!(

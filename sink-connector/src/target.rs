@@ -159,7 +159,7 @@ impl Target {
     pub fn new(cfg: &Config) -> anyhow::Result<Target> {
         let client = cfg
             .redis
-            .tls()
+            .tls
             .redis_client(cfg.redis.url.as_str())
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -179,7 +179,7 @@ impl Target {
             connections: 0,
             unverified: false,
             mode: cfg.redis.mode,
-            tls: cfg.redis.tls(),
+            tls: cfg.redis.tls.clone(),
             seed: Endpoint::parse(&cfg.redis.url)?,
             cluster: None,
         })
@@ -300,27 +300,16 @@ impl Target {
             }
             return self.query_routed(args).await;
         }
-        let mut cmd = redis::Cmd::new();
-        for a in args {
-            cmd.arg(a.as_ref());
+        let v = self.one(&mut conn, args).await?;
+        if let Some((code, message)) = server_error(&v) {
+            return Err(ApplyError::refused(code, message, None));
         }
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd);
-        match conn.send_packed_commands(&pipe, 0, 1).await {
-            Ok(mut v) => {
-                let v = v.pop().unwrap_or(Value::Nil);
-                if server_error(&v).is_none() && args[0].eq_ignore_ascii_case(b"select") {
-                    self.current_db = std::str::from_utf8(&args[1])
-                        .ok()
-                        .and_then(|d| d.parse().ok());
-                }
-                if let Some((code, message)) = server_error(&v) {
-                    return Err(ApplyError::refused(code, message, None));
-                }
-                Ok(v)
-            }
-            Err(e) => Err(self.connection_error(e)),
+        if args[0].eq_ignore_ascii_case(b"select") {
+            self.current_db = std::str::from_utf8(&args[1])
+                .ok()
+                .and_then(|d| d.parse().ok());
         }
+        Ok(v)
     }
 
     /// Whether the connection is new and nothing was written on it yet: the target may have

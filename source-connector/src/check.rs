@@ -26,7 +26,7 @@ fn check_redis(config: &Config, url: &str, report: &mut Report) -> Option<String
     let timeout = Duration::from_secs(config.redis.timeout_s);
     let mut conn = match config
         .redis
-        .tls()
+        .tls
         .redis_client(config.redis.url.as_str())
         .and_then(|c| c.get_connection_with_timeout(timeout))
     {
@@ -85,7 +85,7 @@ fn check_redis(config: &Config, url: &str, report: &mut Report) -> Option<String
         None => {}
     }
     if let Ok(endpoint) = Endpoint::parse(&config.redis.url) {
-        match crate::cluster::discover(&endpoint, &config.redis.tls(), timeout) {
+        match crate::cluster::discover(&endpoint, &config.redis.tls, timeout) {
             Ok(Some(masters)) => report.ok(format!(
                 "source: Redis Cluster; one replica link per master: {}",
                 masters

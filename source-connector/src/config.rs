@@ -43,26 +43,9 @@ pub struct RedisConfig {
     /// Cluster sources: seconds between topology checks (failovers, new shards).
     #[serde(default = "default_cluster_refresh_s")]
     pub cluster_refresh_s: u64,
-    /// `rediss://`: PEM file with the CA certificate(s) that sign the server's certificate
-    /// (default: the public web PKI roots).
+    /// `rediss://`: the CA and client certificate files (`[redis.tls]`).
     #[serde(default)]
-    pub tls_ca_file: Option<std::path::PathBuf>,
-    /// `rediss://`: client certificate and key (PEM), for servers with `tls-auth-clients yes`.
-    #[serde(default)]
-    pub tls_cert_file: Option<std::path::PathBuf>,
-    #[serde(default)]
-    pub tls_key_file: Option<std::path::PathBuf>,
-}
-
-impl RedisConfig {
-    /// The TLS files of a `rediss://` URL.
-    pub fn tls(&self) -> crate::tls::TlsFiles {
-        crate::tls::TlsFiles {
-            ca: self.tls_ca_file.clone(),
-            cert: self.tls_cert_file.clone(),
-            key: self.tls_key_file.clone(),
-        }
-    }
+    pub tls: crate::tls::TlsFiles,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,8 +266,8 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         let endpoint = Endpoint::parse(&self.redis.url)?;
-        if endpoint.tls || self.redis.tls() != crate::tls::TlsFiles::default() {
-            self.redis.tls().validate("redis")?;
+        if endpoint.tls || self.redis.tls != crate::tls::TlsFiles::default() {
+            self.redis.tls.validate("redis")?;
         }
         anyhow::ensure!(
             (1..=16384).contains(&self.kafka.partitions),

@@ -213,7 +213,7 @@ pub async fn session(
     let cfg = shared.config.clone();
     let shard = shared.shard.clone();
     let timeout = Duration::from_secs(cfg.redis.timeout_s);
-    let mut conn = Conn::connect(&shared.endpoint, timeout, &cfg.redis.tls()).await?;
+    let mut conn = Conn::connect(&shared.endpoint, timeout, &cfg.redis.tls).await?;
     let address = conn.address.clone();
 
     // Handshake.

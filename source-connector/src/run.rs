@@ -165,7 +165,7 @@ async fn topology(
     let mut shutdown = ctx.shutdown.clone();
     loop {
         let seed = endpoint.clone();
-        let tls = ctx.config.redis.tls();
+        let tls = ctx.config.redis.tls.clone();
         let answer =
             tokio::task::spawn_blocking(move || cluster::discover(&seed, &tls, timeout)).await?;
         match answer {
@@ -226,7 +226,7 @@ async fn run_cluster(
             seed: seed.clone(),
             relink: rx,
             migrations: Arc::clone(&migrations),
-            tls: ctx.config.redis.tls(),
+            tls: ctx.config.redis.tls.clone(),
             scope: scope_rx,
         };
         let endpoint = cluster::at(&seed, &master.host, master.port);
@@ -271,7 +271,7 @@ async fn run_cluster(
             return Ok(());
         }
         let known = seeds.lock().map(|s| s.clone()).unwrap_or_default();
-        let tls = ctx.config.redis.tls();
+        let tls = ctx.config.redis.tls.clone();
         let masters =
             match tokio::task::spawn_blocking(move || cluster::discover_any(&known, &tls, timeout))
                 .await?

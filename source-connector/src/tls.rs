@@ -6,15 +6,20 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// PEM files of a `rediss://` connection (all optional).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// PEM files of a `rediss://` connection (all optional): the `[redis.tls]` table of both
+/// connectors.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     /// CA certificate(s) that sign the server's certificate; without it, the public web PKI
     /// roots are trusted.
-    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Client certificate and key, for servers that require them (`tls-auth-clients yes`).
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// Makes ring rustls's process-wide provider (redis-rs asks for the default one).
@@ -29,9 +34,9 @@ fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
 impl TlsFiles {
     /// Checks that the files exist and parse, for a clear error at start.
     pub fn validate(&self, section: &str) -> anyhow::Result<()> {
-        match (&self.cert, &self.key) {
+        match (&self.cert_file, &self.key_file) {
             (Some(_), None) | (None, Some(_)) => {
-                anyhow::bail!("{section}.tls_cert_file and {section}.tls_key_file go together")
+                anyhow::bail!("{section}.tls.cert_file and {section}.tls.key_file go together")
             }
             _ => {}
         }
@@ -43,37 +48,37 @@ impl TlsFiles {
     /// The rustls configuration for the replica link.
     pub fn client_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         let mut roots = rustls::RootCertStore::empty();
-        match &self.ca {
+        match &self.ca_file {
             Some(path) => {
                 let certs: Vec<CertificateDer<'static>> =
-                    CertificateDer::pem_slice_iter(&read(path, "tls_ca_file")?)
+                    CertificateDer::pem_slice_iter(&read(path, "tls.ca_file")?)
                         .collect::<Result<_, _>>()
-                        .map_err(|e| anyhow::anyhow!("tls_ca_file {}: {e}", path.display()))?;
+                        .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", path.display()))?;
                 anyhow::ensure!(
                     !certs.is_empty(),
-                    "tls_ca_file {}: no certificate in it",
+                    "tls.ca_file {}: no certificate in it",
                     path.display()
                 );
                 for c in certs {
                     roots
                         .add(c)
-                        .map_err(|e| anyhow::anyhow!("tls_ca_file {}: {e}", path.display()))?;
+                        .map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", path.display()))?;
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
         let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-        let config = match (&self.cert, &self.key) {
+        let config = match (&self.cert_file, &self.key_file) {
             (Some(cert), Some(key)) => {
                 let chain: Vec<CertificateDer<'static>> =
-                    CertificateDer::pem_slice_iter(&read(cert, "tls_cert_file")?)
+                    CertificateDer::pem_slice_iter(&read(cert, "tls.cert_file")?)
                         .collect::<Result<_, _>>()
-                        .map_err(|e| anyhow::anyhow!("tls_cert_file {}: {e}", cert.display()))?;
-                let key = PrivateKeyDer::from_pem_slice(&read(key, "tls_key_file")?)
-                    .map_err(|e| anyhow::anyhow!("tls_key_file {}: {e}", key.display()))?;
+                        .map_err(|e| anyhow::anyhow!("tls.cert_file {}: {e}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_slice(&read(key, "tls.key_file")?)
+                    .map_err(|e| anyhow::anyhow!("tls.key_file {}: {e}", key.display()))?;
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| anyhow::anyhow!("tls_cert_file/tls_key_file: {e}"))?
+                    .map_err(|e| anyhow::anyhow!("tls.cert_file/tls_key_file: {e}"))?
             }
             _ => builder.with_no_client_auth(),
         };
@@ -82,7 +87,7 @@ impl TlsFiles {
 
     /// A redis-rs client for `url` that trusts these files (plain `Client::open` when none).
     pub fn redis_client(&self, url: &str) -> redis::RedisResult<redis::Client> {
-        if self.ca.is_none() && self.cert.is_none() {
+        if self.ca_file.is_none() && self.cert_file.is_none() {
             return redis::Client::open(url);
         }
         let load = |p: &Path| {
@@ -94,14 +99,14 @@ impl TlsFiles {
                 ))
             })
         };
-        let client_tls = match (&self.cert, &self.key) {
+        let client_tls = match (&self.cert_file, &self.key_file) {
             (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
                 client_cert: load(c)?,
                 client_key: load(k)?,
             }),
             _ => None,
         };
-        let root_cert = self.ca.as_deref().map(load).transpose()?;
+        let root_cert = self.ca_file.as_deref().map(load).transpose()?;
         redis::Client::build_with_tls(
             url,
             redis::TlsCertificates {

@@ -1,5 +1,6 @@
 //! End-to-end scenarios live in `tests/tests/`; this holds what several of them share.
 
+use harness::cluster::ClusterClient;
 use harness::connector::Connector;
 use harness::dataset::{CompareOptions, Dataset};
 use harness::pipeline::{Recovery, CHECKPOINT_PREFIX};
@@ -61,5 +62,32 @@ pub fn wait_datasets_equal(
 pub fn in_db0(ds: Dataset) -> Dataset {
     Dataset {
         keys: ds.keys.into_iter().map(|((_, k), e)| ((0, k), e)).collect(),
+    }
+}
+
+/// Counters, lists, appended strings and streams spread over every shard of a cluster.
+pub fn cluster_writes(client: &mut ClusterClient<'_>, round: u32, n: u32) {
+    for i in 0..n {
+        let item = format!("{round}:{i}");
+        client.exec(&[b"INCR", format!("c:{}", i % 50).as_bytes()]);
+        client.exec(&[
+            b"RPUSH",
+            format!("l:{}", i % 20).as_bytes(),
+            item.as_bytes(),
+        ]);
+        client.exec(&[
+            b"APPEND",
+            format!("log:{}", i % 5).as_bytes(),
+            item.as_bytes(),
+        ]);
+        if i % 10 == 0 {
+            client.exec(&[
+                b"XADD",
+                format!("s:{}", i % 4).as_bytes(),
+                b"*",
+                b"i",
+                item.as_bytes(),
+            ]);
+        }
     }
 }

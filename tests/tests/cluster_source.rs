@@ -4,39 +4,13 @@
 //! the connector.
 
 use harness::broker::{random_topic, Broker, Storage};
-use harness::cluster::{ClusterClient, RedisCluster};
+use harness::cluster::RedisCluster;
 use harness::connector::{Connector, Kind};
 use harness::dataset;
 use harness::pipeline::{self, Options};
 use harness::redis::{RedisConfig, RedisServer};
 use std::time::Duration;
-
-/// Counters, lists, appended strings and streams spread over every shard.
-fn writes(client: &mut ClusterClient<'_>, round: u32, n: u32) {
-    for i in 0..n {
-        let item = format!("{round}:{i}");
-        client.exec(&[b"INCR", format!("c:{}", i % 50).as_bytes()]);
-        client.exec(&[
-            b"RPUSH",
-            format!("l:{}", i % 20).as_bytes(),
-            item.as_bytes(),
-        ]);
-        client.exec(&[
-            b"APPEND",
-            format!("log:{}", i % 5).as_bytes(),
-            item.as_bytes(),
-        ]);
-        if i % 10 == 0 {
-            client.exec(&[
-                b"XADD",
-                format!("s:{}", i % 4).as_bytes(),
-                b"*",
-                b"i",
-                item.as_bytes(),
-            ]);
-        }
-    }
-}
+use tests::cluster_writes;
 
 fn wait_equal(
     cluster: &RedisCluster,
@@ -57,7 +31,7 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
     let target =
         RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
     let mut client = cluster.client();
-    writes(&mut client, 1, 1500);
+    cluster_writes(&mut client, 1, 1500);
 
     let broker = Broker::start(Storage::Memory).unwrap();
     let topic = random_topic("cluster-source");
@@ -78,7 +52,7 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
     )
     .unwrap();
     wait_equal(&cluster, &target, &[&source, &sink]);
-    writes(&mut client, 2, 1500);
+    cluster_writes(&mut client, 2, 1500);
     wait_equal(&cluster, &target, &[&source, &sink]);
 
     let shards: Vec<String> = ["0", "5461", "10923"]
@@ -99,7 +73,7 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
     let old = cluster.master_of_slot(0).unwrap().port();
     let promoted = cluster.replica_of(old).unwrap().port();
     cluster.failover(promoted).unwrap();
-    writes(&mut client, 3, 1500);
+    cluster_writes(&mut client, 3, 1500);
     let recovery = wait_equal(&cluster, &target, &[&source, &sink]);
     harness::pipeline::record_reliability(
         "cluster source master fails over (CLUSTER FAILOVER)",
@@ -123,7 +97,7 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
         source.log()
     );
     assert!(metric("source_partial_syncs_total", "source/0") >= 1.0);
-    writes(&mut client, 4, 500);
+    cluster_writes(&mut client, 4, 500);
     wait_equal(&cluster, &target, &[&source, &sink]);
 
     // A slot with keys moves to another shard: MIGRATE's RESTORE-ASKING arrives on one link and
@@ -137,7 +111,7 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
         .find(|&p| p != from)
         .unwrap();
     cluster.migrate_slot(slot, to).unwrap();
-    writes(&mut client, 5, 300);
+    cluster_writes(&mut client, 5, 300);
     wait_equal(&cluster, &target, &[&source, &sink]);
     harness::wait_for(
         "the connector to see the shard's new slots",
@@ -164,16 +138,16 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
         after > 0 && after < before,
         "one shard's keys were flushed: {before} keys before, {after} after"
     );
-    writes(&mut client, 6, 300);
+    cluster_writes(&mut client, 6, 300);
     wait_equal(&cluster, &target, &[&source, &sink]);
 
     // kill -9 of the connector while the cluster takes writes: every shard resumes from its own
     // checkpoint with a partial resync.
     let mut source = source;
     source.kill9();
-    writes(&mut client, 7, 300);
+    cluster_writes(&mut client, 7, 300);
     source.restart().unwrap();
-    writes(&mut client, 8, 300);
+    cluster_writes(&mut client, 8, 300);
     let recovery = wait_equal(&cluster, &target, &[&source, &sink]);
     harness::pipeline::record_reliability(
         "kill -9 of the source connector, cluster source",

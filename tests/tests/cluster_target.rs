@@ -2,13 +2,13 @@
 //! that slot's checkpoint, keyless commands on every master.
 
 use harness::broker::{random_topic, Broker, Storage};
-use harness::cluster::{ClusterClient, RedisCluster};
+use harness::cluster::RedisCluster;
 use harness::connector::{Connector, Kind};
 use harness::dataset;
 use harness::pipeline::{self, Options};
 use harness::redis::{exec, RedisConfig, RedisServer};
 use std::time::Duration;
-use tests::{in_db0, wait_datasets_equal};
+use tests::{cluster_writes, in_db0, wait_datasets_equal};
 
 fn target_config() -> RedisConfig {
     RedisConfig::default().with("maxmemory-policy", "noeviction")
@@ -223,32 +223,6 @@ fn standalone_with_dbs_to_cluster_with_db_mapping_and_sink_kill9() {
         }
     }
     assert!(ckpts > 10, "{ckpts} checkpoint keys");
-}
-
-fn cluster_writes(client: &mut ClusterClient<'_>, round: u32, n: u32) {
-    for i in 0..n {
-        let item = format!("{round}:{i}");
-        client.exec(&[b"INCR", format!("c:{}", i % 50).as_bytes()]);
-        client.exec(&[
-            b"RPUSH",
-            format!("l:{}", i % 20).as_bytes(),
-            item.as_bytes(),
-        ]);
-        client.exec(&[
-            b"APPEND",
-            format!("log:{}", i % 5).as_bytes(),
-            item.as_bytes(),
-        ]);
-        if i % 10 == 0 {
-            client.exec(&[
-                b"XADD",
-                format!("s:{}", i % 4).as_bytes(),
-                b"*",
-                b"i",
-                item.as_bytes(),
-            ]);
-        }
-    }
 }
 
 /// A 3-master cluster into a 2-master cluster: different slot owners on both sides, and a

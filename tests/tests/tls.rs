@@ -68,16 +68,17 @@ fn tls_server(pki: &Pki, clients: &str, config: RedisConfig) -> (RedisServer, u1
     (server, port)
 }
 
+/// The `[redis.tls]` table, inline under `[redis]`.
 fn tls_lines(ca: &Path, client: Option<(&Path, &Path)>) -> String {
-    let mut lines = format!("tls_ca_file = \"{}\"\n", ca.display());
+    let mut table = format!("ca_file = \"{}\"", ca.display());
     if let Some((cert, key)) = client {
-        lines += &format!(
-            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        table += &format!(
+            ", cert_file = \"{}\", key_file = \"{}\"",
             cert.display(),
             key.display()
         );
     }
-    lines
+    format!("tls = {{ {table} }}\n")
 }
 
 #[test]
