@@ -135,6 +135,10 @@ fn bodies() -> Vec<Body> {
             rdb_size_bytes: Some(1234),
             source_version: "7.0.15".into(),
             partitions: 16,
+            scope: vec![v1::SlotRange {
+                first: 0,
+                last: 5460,
+            }],
         }),
         Body::SnapshotEnd(v1::SnapshotEnd {
             keys: 3,

@@ -75,6 +75,18 @@ pub enum Conflict {
     Fail,
 }
 
+/// What a new snapshot (a full resync) does to the target's existing data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NewSnapshot {
+    /// Apply the snapshot over what is there: keys deleted on the source while the link was
+    /// down stay on the target.
+    Keep,
+    /// First delete the target's keys in the snapshot's slots (each lane its own partition's
+    /// slots, every db), so the target ends equal to the source.
+    Flush,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FlushPolicy {
@@ -104,6 +116,8 @@ pub struct ApplyConfig {
     pub snapshot_conflict: Conflict,
     #[serde(default = "default_flush")]
     pub flush: FlushPolicy,
+    #[serde(default = "default_new_snapshot")]
+    pub on_new_snapshot: NewSnapshot,
     #[serde(default = "default_on_error")]
     pub on_error: OnError,
     /// Required when `on_error = "dead-letter"`.
@@ -128,6 +142,7 @@ impl Default for ApplyConfig {
             checkpoint_prefix: default_prefix(),
             snapshot_conflict: default_conflict(),
             flush: default_flush(),
+            on_new_snapshot: default_new_snapshot(),
             on_error: default_on_error(),
             dead_letter_topic: None,
             max_backoff_ms: default_max_backoff_ms(),
@@ -172,6 +187,9 @@ fn default_prefix() -> String {
 }
 fn default_conflict() -> Conflict {
     Conflict::Replace
+}
+fn default_new_snapshot() -> NewSnapshot {
+    NewSnapshot::Keep
 }
 fn default_flush() -> FlushPolicy {
     FlushPolicy::Apply

@@ -11,7 +11,7 @@
 //! a target that lost writes gets them again, because the lane rewinds the partition to what the
 //! target really holds instead of trusting the consumer group's committed offset.
 
-use crate::config::{Config, Conflict, FlushPolicy, OnError};
+use crate::config::{Config, Conflict, FlushPolicy, NewSnapshot, OnError};
 use crate::convert::{self, Args};
 use crate::target::{self, ApplyError, Op, Target};
 use bytes::Bytes;
@@ -525,6 +525,12 @@ impl Lane {
                 }
                 Body::SnapshotStart(s) => {
                     tracing::info!(partition = self.partition, shard = %shard, "snapshot of epoch {} begins (RDB version {}, source offset {})", position.epoch, s.rdb_version, s.repl_offset);
+                    if self.env.cfg.apply.on_new_snapshot == NewSnapshot::Flush {
+                        self.flush(&mut batch).await?;
+                        self.clear_for_snapshot(&shard, position, &s, message.offset())
+                            .await?;
+                        continue;
+                    }
                     Vec::new()
                 }
                 Body::SnapshotEnd(e) => {
@@ -1165,19 +1171,7 @@ impl Lane {
             scope.iter().any(|r| (r.first..=r.last).contains(&slot))
         };
         let prefix = self.env.cfg.apply.checkpoint_prefix.clone();
-        let keys = loop {
-            match self.target.scan_keys(db).await {
-                Ok(keys) => break keys,
-                Err(ApplyError::Transient { code, message }) => {
-                    tracing::warn!(
-                        partition = self.partition,
-                        "target: {code} {message}; retrying the scan"
-                    );
-                    self.pause(Duration::from_millis(200)).await?;
-                }
-                Err(e) => return Err(self.halt(&format!("cannot list the target's keys: {e}"))),
-            }
-        };
+        let keys = self.target_keys(db).await?;
         let doomed: Vec<Bytes> = keys
             .into_iter()
             .filter(|k| !k.starts_with(prefix.as_bytes()) && in_scope(k))
@@ -1200,6 +1194,104 @@ impl Lane {
             }
         }
         Ok(out)
+    }
+
+    /// Every key of the target's `db`, retrying transient errors.
+    async fn target_keys(&mut self, db: u32) -> Result<Vec<Bytes>, Stop> {
+        loop {
+            match self.target.scan_keys(db).await {
+                Ok(keys) => return Ok(keys),
+                Err(ApplyError::Transient { code, message }) => {
+                    tracing::warn!(
+                        partition = self.partition,
+                        "target: {code} {message}; retrying the scan"
+                    );
+                    self.pause(Duration::from_millis(200)).await?;
+                }
+                Err(e) => return Err(self.halt(&format!("cannot list the target's keys: {e}"))),
+            }
+        }
+    }
+
+    /// `apply.on_new_snapshot = "flush"`: before a snapshot, delete the target's keys in this
+    /// partition's slots (within the shard's scope for a cluster source), in every db, so keys
+    /// deleted on the source while the link was down do not survive the resync. Done once per
+    /// snapshot: the deletes and the snapshot-start position go in one transaction.
+    async fn clear_for_snapshot(
+        &mut self,
+        shard: &str,
+        position: Position,
+        start: &v1::SnapshotStart,
+        offset: i64,
+    ) -> Result<(), Stop> {
+        let partitions = start.partitions.max(1);
+        let prefix = self.env.cfg.apply.checkpoint_prefix.clone();
+        let partition = self.partition as u32;
+        let mine = |key: &[u8]| {
+            let slot = proto::slot::key_slot(key);
+            let s = u32::from(slot.get());
+            wire::partition_for_slot(slot, partitions).0 == partition
+                && (start.scope.is_empty()
+                    || start.scope.iter().any(|r| (r.first..=r.last).contains(&s)))
+        };
+        let dbs = loop {
+            match self.target.keyspace_dbs().await {
+                Ok(dbs) => break dbs,
+                Err(ApplyError::Transient { code, message }) => {
+                    tracing::warn!(
+                        partition = self.partition,
+                        "target: {code} {message}; retrying"
+                    );
+                    self.pause(Duration::from_millis(200)).await?;
+                }
+                Err(e) => return Err(self.halt(&format!("cannot list the target's dbs: {e}"))),
+            }
+        };
+        let mut ops = Vec::new();
+        let mut deleted = 0usize;
+        for db in dbs {
+            let doomed: Vec<Bytes> = self
+                .target_keys(db)
+                .await?
+                .into_iter()
+                .filter(|k| !k.starts_with(prefix.as_bytes()) && mine(k))
+                .collect();
+            deleted += doomed.len();
+            for keys in doomed.chunks(512) {
+                let mut unlink = vec![b("UNLINK")];
+                unlink.extend(keys.iter().cloned());
+                ops.push(Op {
+                    db: Some(db),
+                    args: unlink,
+                });
+            }
+        }
+        ops.push(self.checkpoint_op(
+            self.key.clone(),
+            &[(shard.to_owned(), position)],
+            Some(offset),
+        ));
+        match self.apply(&ops).await {
+            Ok(()) | Err(ApplyFailure::Continue) => {}
+            Err(ApplyFailure::Stop(s)) => return Err(s),
+            Err(ApplyFailure::Record { error, .. }) => {
+                return Err(self.halt(&format!(
+                    "cannot clear the target before the snapshot of epoch {}: {error}",
+                    position.epoch
+                )))
+            }
+        }
+        self.note_applied(vec![(shard.to_owned(), position)]);
+        self.kafka_applied = Some(offset);
+        counter!("sink_snapshot_flushed_keys_total", "partition" => self.label.clone())
+            .increment(deleted as u64);
+        tracing::warn!(
+            partition = self.partition,
+            shard,
+            "apply.on_new_snapshot = \"flush\": deleted {deleted} target keys of this partition's slots before the snapshot of epoch {}",
+            position.epoch
+        );
+        Ok(())
     }
 
     /// The position a checkpoint hash holds for `shard` (the checkpoint db must be selected).

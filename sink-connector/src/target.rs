@@ -768,6 +768,27 @@ impl Target {
         }
     }
 
+    /// The dbs that hold keys (`INFO keyspace`; db 0 only on a cluster).
+    pub async fn keyspace_dbs(&mut self) -> Result<Vec<u32>, ApplyError> {
+        let mut conn = self.conn().await?;
+        if self.cluster.is_some() {
+            return Ok(vec![0]);
+        }
+        let v = self
+            .one(&mut conn, &[cluster::b("INFO"), cluster::b("keyspace")])
+            .await?;
+        let text = match &v {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            Value::VerbatimString { text, .. } => text.clone(),
+            // INFO refused (a least-privilege user): every db the target has.
+            _ => return Ok((0..self.databases.unwrap_or(16)).collect()),
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix("db")?.split(':').next()?.parse().ok())
+            .collect())
+    }
+
     /// Every key of `db` (db 0 on a cluster: every master's keys).
     pub async fn scan_keys(&mut self, db: u32) -> Result<Vec<Bytes>, ApplyError> {
         let conns = if self.cluster.is_some() {

@@ -420,6 +420,15 @@ async fn full_sync(
         rdb_size_bytes: total,
         source_version: String::new(),
         partitions: cfg.kafka.partitions,
+        scope: shared
+            .scope
+            .borrow()
+            .iter()
+            .map(|&(first, last)| v1::SlotRange {
+                first: first.into(),
+                last: last.into(),
+            })
+            .collect(),
     };
     let mut decoder = rdb::Decoder::new(rdb::Config {
         piece_bytes: cfg.snapshot.piece_bytes,

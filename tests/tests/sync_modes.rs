@@ -130,3 +130,55 @@ fn incremental_only_skips_the_snapshot() {
         Some(1.0)
     );
 }
+
+/// A full resync with `apply.on_new_snapshot = "flush"`: keys deleted on the source while the
+/// connector was away (the writes in between no longer fit in the backlog) are gone from the
+/// target too. With the default `keep` they would stay.
+#[test]
+fn a_full_resync_with_the_flush_policy_removes_keys_deleted_meanwhile() {
+    let source = RedisServer::start(RedisConfig::default()).unwrap();
+    sample(&source, "gone", 100);
+    sample(&source, "stay", 100);
+    let target = RedisServer::start(Options::default().target).unwrap();
+    let mut p = Pipeline::start_with(
+        source,
+        target,
+        Options {
+            sink_apply: "on_new_snapshot = \"flush\"".into(),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+    p.source_connector.kill9();
+    let mut conn = p.source.conn();
+    for i in 0..100 {
+        exec(&mut conn, &[b"DEL", format!("gone:{i}").as_bytes()]);
+    }
+    // More than the 1 MB backlog: the next PSYNC cannot continue.
+    let filler = vec![b'x'; 100_000];
+    for i in 0..30 {
+        exec(
+            &mut conn,
+            &[b"SET", format!("filler:{}", i % 3).as_bytes(), &filler],
+        );
+    }
+    p.source_connector.restart().unwrap();
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        p.source_connector
+            .metric("source_full_syncs_total", &[("shard", "source")]),
+        Some(1.0),
+        "the restart had to resync fully: {}",
+        p.source_connector.log()
+    );
+    let flushed: f64 = (0..p.options.partitions)
+        .filter_map(|q| {
+            p.sink.metric(
+                "sink_snapshot_flushed_keys_total",
+                &[("partition", &q.to_string())],
+            )
+        })
+        .sum();
+    assert!(flushed >= 100.0, "{flushed} keys flushed");
+}
