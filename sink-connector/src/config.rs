@@ -133,6 +133,24 @@ pub struct ApplyConfig {
     /// deleting the key at once (the source's DEL follows when the key really expired).
     #[serde(default = "default_expired_grace_ms")]
     pub expired_grace_ms: u64,
+    /// Apply only keys matching one of these globs (empty: every key).
+    #[serde(default)]
+    pub include_keys: Vec<String>,
+    /// Never apply keys matching these globs.
+    #[serde(default)]
+    pub exclude_keys: Vec<String>,
+    /// Apply only records of these source dbs (empty: every db).
+    #[serde(default)]
+    pub include_dbs: Vec<u32>,
+    /// Never apply these commands (names, any case).
+    #[serde(default)]
+    pub exclude_commands: Vec<String>,
+    /// Most commands per second sent to the target by the whole process (0: no limit).
+    #[serde(default)]
+    pub max_ops_per_s: u64,
+    /// Most argument bytes per second sent to the target by the whole process (0: no limit).
+    #[serde(default)]
+    pub max_bytes_per_s: u64,
 }
 
 impl Default for ApplyConfig {
@@ -148,6 +166,12 @@ impl Default for ApplyConfig {
             max_backoff_ms: default_max_backoff_ms(),
             rebuild_elements: default_rebuild_elements(),
             expired_grace_ms: default_expired_grace_ms(),
+            include_keys: Vec::new(),
+            exclude_keys: Vec::new(),
+            include_dbs: Vec::new(),
+            exclude_commands: Vec::new(),
+            max_ops_per_s: 0,
+            max_bytes_per_s: 0,
         }
     }
 }

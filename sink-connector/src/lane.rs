@@ -13,6 +13,7 @@
 
 use crate::config::{Config, Conflict, FlushPolicy, NewSnapshot, OnError};
 use crate::convert::{self, Args};
+use crate::filter::{Filter, RateLimit};
 use crate::target::{self, ApplyError, Op, Target};
 use bytes::Bytes;
 use metrics::{counter, gauge, histogram};
@@ -69,6 +70,8 @@ pub struct LaneEnv {
     pub health: Health,
     pub dead_letter: Option<FutureProducer>,
     pub partitions: Arc<dyn Partitions>,
+    pub filter: Arc<Filter>,
+    pub limit: Arc<RateLimit>,
 }
 
 impl std::fmt::Debug for LaneEnv {
@@ -472,6 +475,10 @@ impl Lane {
                 heartbeats.insert(shard, (position, record.capture_time_ms));
                 continue;
             }
+            let Some(body) = self.filter(record.db, body) else {
+                counter!("sink_records_skipped_total", "partition" => self.label.clone(), "reason" => "filtered").increment(1);
+                continue;
+            };
             let slot = record.slot.and_then(|s| u16::try_from(s).ok());
             if self.is_applied(&shard, position)
                 || self.slot_holds(slot, &shard, position).await?
@@ -634,6 +641,27 @@ impl Lane {
             }
         }
         out
+    }
+
+    /// The record as the filters leave it (`apply.include_keys`, …), or `None` when nothing of
+    /// it is applied. Barriers and snapshot markers always go through (their coordination and
+    /// positions matter), with their commands filtered.
+    fn filter(&self, db: u32, body: Body) -> Option<Body> {
+        let f = &self.env.filter;
+        match body {
+            Body::KeyEntry(e) => (f.db(db) && f.key(&e.key)).then_some(Body::KeyEntry(e)),
+            Body::KeyChunk(c) => (f.db(db) && f.key(&c.key)).then_some(Body::KeyChunk(c)),
+            Body::Command(c) => (f.db(db) && f.command(&c.args)).then_some(Body::Command(c)),
+            Body::Transaction(mut t) => {
+                t.commands = f.commands(db, t.commands);
+                (!t.commands.is_empty()).then_some(Body::Transaction(t))
+            }
+            Body::Barrier(mut b) => {
+                b.commands = f.commands(db, b.commands);
+                Some(Body::Barrier(b))
+            }
+            other => Some(other),
+        }
     }
 
     /// Drops FLUSHALL/FLUSHDB when the policy says so.
@@ -818,6 +846,17 @@ impl Lane {
         loop {
             if self.target.unverified() {
                 self.verify_target().await.map_err(ApplyFailure::Stop)?;
+            }
+            let wait = self.env.limit.take(
+                ops.len(),
+                ops.iter()
+                    .map(|o| o.args.iter().map(|a| a.len()).sum::<usize>())
+                    .sum(),
+            );
+            if !wait.is_zero() {
+                counter!("sink_rate_limited_milliseconds_total", "partition" => self.label.clone())
+                    .increment(wait.as_millis() as u64);
+                self.pause(wait).await.map_err(ApplyFailure::Stop)?;
             }
             let result = self.target.exec(ops).await;
             let error = match result {

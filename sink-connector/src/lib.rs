@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the TOML/environment configuration;
 //! - [`convert`]: what a record means as Redis commands (RESTORE, or rebuilt values);
+//! - [`filter`]: key, db and command filters, and the rate limit;
 //! - [`target`]: the target connection, `MULTI/EXEC` batches and error classification;
 //! - [`cluster`]: routing writes and checkpoints on a Redis Cluster target;
 //! - [`lane`]: one ordered lane per partition, checkpoints in the target, barriers;
@@ -12,6 +13,7 @@ pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod convert;
+pub mod filter;
 pub mod lane;
 pub mod run;
 pub mod target;

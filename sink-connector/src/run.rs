@@ -234,6 +234,8 @@ pub async fn run(
         topic: topic.clone(),
         health: health.clone(),
         dead_letter,
+        filter: Arc::new(crate::filter::Filter::new(&cfg.apply)),
+        limit: Arc::new(crate::filter::RateLimit::new(&cfg.apply)),
         partitions: Arc::new(ConsumerPartitions {
             consumer: Arc::clone(&consumer),
             topic: topic.clone(),
