@@ -56,6 +56,9 @@ pub struct Playback {
     /// Bytes written per send.
     pub chunk_bytes: usize,
     pub fault: Fault,
+    /// Behave like a master before 2.8: `PSYNC` and `REPLCONF` are unknown commands, and only
+    /// `SYNC` replicates.
+    pub before_psync: bool,
 }
 
 impl Playback {
@@ -65,6 +68,7 @@ impl Playback {
             password: None,
             chunk_bytes: 64 * 1024,
             fault: Fault::None,
+            before_psync: false,
         })
     }
 
@@ -198,6 +202,7 @@ fn serve(
             }
             _ if !authed => b"-NOAUTH Authentication required.\r\n",
             "PING" => b"+PONG\r\n",
+            "PSYNC" | "REPLCONF" if pb.before_psync => b"-ERR unknown command\r\n",
             "REPLCONF" if cmd.get(1).is_some_and(|a| a.eq_ignore_ascii_case("ACK")) => {
                 if let Some(off) = cmd.get(2).and_then(|o| o.parse().ok()) {
                     let mut o = obs.lock().unwrap();

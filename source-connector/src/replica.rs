@@ -199,6 +199,12 @@ impl Conn {
     }
 }
 
+/// An error reply saying the master does not know a command (masters before 2.8 and PSYNC or
+/// REPLCONF).
+fn is_unknown_command(message: &str) -> bool {
+    message.to_ascii_lowercase().contains("unknown command")
+}
+
 fn is_auth_problem(err: &str) -> bool {
     let e = err.to_ascii_lowercase();
     e.contains("password") || e.contains("auth") || e.contains("permission")
@@ -230,16 +236,25 @@ pub async fn session(
         };
     }
     let port = cfg.redis.listening_port.to_string();
-    conn.command(
-        "REPLCONF listening-port",
-        &[b"REPLCONF", b"listening-port", port.as_bytes()],
-    )
-    .await?;
-    conn.command(
-        "REPLCONF capa",
-        &[b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"],
-    )
-    .await?;
+    for (what, args) in [
+        (
+            "REPLCONF listening-port",
+            vec![b"REPLCONF".as_slice(), b"listening-port", port.as_bytes()],
+        ),
+        (
+            "REPLCONF capa",
+            vec![b"REPLCONF".as_slice(), b"capa", b"eof", b"capa", b"psync2"],
+        ),
+    ] {
+        match conn.command(what, &args).await {
+            Ok(_) => {}
+            // Masters before 2.8 have no REPLCONF: SYNC follows.
+            Err(LinkError::Transient(m)) if is_unknown_command(&m) => {
+                tracing::warn!(shard = %shard, "{m}: a master before 2.8");
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let (replid, offset) = Checkpoint::psync_args(shared.checkpoint.as_ref());
     tracing::info!(shard = %shard, source = %address, "PSYNC {replid} {offset}");
     conn.send(&[b"PSYNC", replid.as_bytes(), offset.as_bytes()])
@@ -259,6 +274,9 @@ pub async fn session(
     };
 
     let sync_started = Instant::now();
+    // SYNC (masters before 2.8): no REPLCONF ACK, which such a master would answer with an
+    // error in the middle of the replication stream.
+    let mut sync_only = false;
     let (mut builder, replid, start_offset) = match reply {
         PsyncReply::FullResync { replid, offset } => {
             let epoch = shared.checkpoint.as_ref().map_or(1, |c| c.epoch + 1);
@@ -305,6 +323,24 @@ pub async fn session(
             }
             (builder, replid, c.offset)
         }
+        PsyncReply::Error { message, .. } if is_unknown_command(&message) => {
+            // A master before 2.8: SYNC sends the RDB with no replication id or offset, so the
+            // position cannot be resumed and every session starts with a full sync.
+            let epoch = shared.checkpoint.as_ref().map_or(1, |c| c.epoch + 1);
+            tracing::warn!(shard = %shard, source = %address, epoch, "the master does not know PSYNC ({message}): falling back to SYNC; every reconnection will be a full sync");
+            counter!("source_full_syncs_total", "shard" => shard.clone()).increment(1);
+            conn.send(&[b"SYNC"]).await?;
+            sync_only = true;
+            let (builder, offset) =
+                full_sync(&mut conn, shared, publisher, "", 0, epoch, shutdown).await?;
+            if cfg.sync.mode == SyncMode::Full {
+                return Err(LinkError::Done(format!(
+                    "sync.mode = \"full\": the snapshot of epoch {epoch} ({} keys) is in Kafka; stopping",
+                    builder.keys()
+                )));
+            }
+            (builder, String::new(), offset)
+        }
         PsyncReply::Error { code, message } => {
             let message = format!("source {address}: PSYNC refused: {message}");
             return Err(match code.as_str() {
@@ -323,6 +359,7 @@ pub async fn session(
         &mut builder,
         replid,
         start_offset,
+        !sync_only,
         shutdown,
     )
     .await;
@@ -569,6 +606,7 @@ async fn stream(
     builder: &mut Builder,
     replid: String,
     start_offset: u64,
+    acks: bool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let shard = shared.shard.clone();
@@ -590,6 +628,7 @@ async fn stream(
         getack_rx,
         ack_floor,
         writer_dead_tx,
+        acks,
     ));
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -727,7 +766,14 @@ async fn ack_loop(
     mut getack: mpsc::Receiver<()>,
     floor: u64,
     dead: mpsc::Sender<String>,
+    enabled: bool,
 ) {
+    if !enabled {
+        // Keep the write half open (closing it would end the link) and send nothing.
+        let _wr = wr;
+        while getack.recv().await.is_some() {}
+        return;
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

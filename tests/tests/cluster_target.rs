@@ -229,8 +229,23 @@ fn standalone_with_dbs_to_cluster_with_db_mapping_and_sink_kill9() {
 /// FLUSHALL on one source master that empties only its slots on the target.
 #[test]
 fn cluster_three_masters_to_cluster_two_masters() {
-    let source = RedisCluster::start(3, 0, RedisConfig::default()).unwrap();
-    let target = RedisCluster::start(2, 0, target_config()).unwrap();
+    cluster_to_cluster(3, 2);
+}
+
+/// A 3-master cluster into another 3-master cluster, with replicas on the target.
+#[test]
+fn cluster_three_masters_to_cluster_three_masters() {
+    cluster_to_cluster(3, 3);
+}
+
+fn cluster_to_cluster(source_masters: usize, target_masters: usize) {
+    let source = RedisCluster::start(source_masters, 0, RedisConfig::default()).unwrap();
+    let target = RedisCluster::start(
+        target_masters,
+        usize::from(target_masters >= 3),
+        target_config(),
+    )
+    .unwrap();
     let mut client = source.client();
     cluster_writes(&mut client, 1, 1000);
     let broker = Broker::start(Storage::Memory).unwrap();
