@@ -106,14 +106,82 @@ fn check_redis(config: &Config, url: &str, report: &mut Report) -> Option<String
     let backlog: u64 = info_field(&info, "repl_backlog_size")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    if backlog <= 1 << 20 {
+    let sizing = Sizing::from_info(&info);
+    let wanted_backlog = sizing.backlog();
+    if backlog < wanted_backlog {
         report.warn(format!(
-            "source: repl-backlog-size is {backlog} bytes (the default): a connector restart of more than a few seconds under load means a full resync; size it as docs/runbook.md §1 says"
+            "source: repl-backlog-size is {backlog} bytes; at the current write rate ({:.0} KB/s) a connector restart of more than {:.0} s means a full resync; suggested: CONFIG SET repl-backlog-size {wanted_backlog} (5 minutes of writes, at least 64 MB; docs/runbook.md §1)",
+            sizing.write_kbps,
+            backlog as f64 / (sizing.write_kbps * 1024.0).max(1.0)
         ));
     } else {
         report.ok(format!("source: repl-backlog-size {backlog} bytes"));
     }
+    let limit: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("client-output-buffer-limit")
+        .query(&mut conn);
+    match limit.ok().and_then(|v| v.get(1).and_then(|l| replica_hard_limit(l))) {
+        Some(hard) => {
+            let wanted = sizing.output_buffer();
+            if hard != 0 && hard < wanted {
+                report.warn(format!(
+                    "source: client-output-buffer-limit replica hard limit is {hard} bytes, but the writes made while a {} MB snapshot transfers may need {wanted}: the master would drop the connector and start over; suggested: CONFIG SET client-output-buffer-limit \"replica {wanted} {wanted} 0\"",
+                    sizing.dataset_bytes >> 20
+                ));
+            } else {
+                report.ok(format!(
+                    "source: client-output-buffer-limit replica hard limit {hard} bytes (0: none)"
+                ));
+            }
+        }
+        None => report.warn(
+            "source: client-output-buffer-limit not readable (CONFIG GET refused): check that the replica limit holds the writes made during a snapshot (docs/runbook.md §1)",
+        ),
+    }
     Some(info)
+}
+
+/// What the source's size and write rate ask of its replication settings.
+#[derive(Debug, Clone, Copy)]
+struct Sizing {
+    dataset_bytes: u64,
+    write_kbps: f64,
+}
+
+impl Sizing {
+    fn from_info(info: &str) -> Sizing {
+        Sizing {
+            dataset_bytes: info_field(info, "used_memory")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            write_kbps: info_field(info, "instantaneous_input_kbps")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0),
+        }
+    }
+
+    /// Five minutes of writes, at least 64 MB.
+    fn backlog(&self) -> u64 {
+        ((self.write_kbps * 1024.0 * 300.0) as u64).max(64 << 20)
+    }
+
+    /// The writes made while the snapshot transfers (at a conservative 50 MB/s, plus a minute),
+    /// twice over, at least 256 MB (Redis's own default).
+    fn output_buffer(&self) -> u64 {
+        let transfer_s = self.dataset_bytes as f64 / (50.0 * 1024.0 * 1024.0) + 60.0;
+        ((self.write_kbps * 1024.0 * transfer_s * 2.0) as u64).max(256 << 20)
+    }
+}
+
+/// The hard limit of the replica class in a `client-output-buffer-limit` value
+/// (`normal 0 0 0 slave 268435456 67108864 60 pubsub …`).
+fn replica_hard_limit(value: &str) -> Option<u64> {
+    let words: Vec<&str> = value.split_whitespace().collect();
+    let i = words
+        .iter()
+        .position(|w| *w == "slave" || *w == "replica")?;
+    words.get(i + 1)?.parse().ok()
 }
 
 /// The topic (reachable, partition count) and the checkpoint a restart would resume from.
@@ -197,5 +265,36 @@ fn resume_outlook(c: &checkpoint::Checkpoint, info: &str, report: &mut Report) {
                 "the source has another replication history (replid)".to_string()
             }
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizing_suggestions() {
+        assert_eq!(
+            replica_hard_limit(
+                "normal 0 0 0 slave 268435456 67108864 60 pubsub 33554432 8388608 60"
+            ),
+            Some(268435456)
+        );
+        let s = Sizing {
+            dataset_bytes: 10 << 30,
+            write_kbps: 10_240.0,
+        };
+        // 10 MB/s of writes: 3 GB of backlog for five minutes.
+        assert_eq!(s.backlog(), 10 * 1024 * 1024 * 300);
+        // A 10 GB snapshot at 50 MB/s takes ~265 s: twice the writes meanwhile.
+        assert!(s.output_buffer() > 5 << 30);
+        let idle = Sizing {
+            dataset_bytes: 1 << 20,
+            write_kbps: 0.0,
+        };
+        assert_eq!(
+            (idle.backlog(), idle.output_buffer()),
+            (64 << 20, 256 << 20)
+        );
     }
 }
