@@ -1210,7 +1210,12 @@ impl Lane {
             scope.iter().any(|r| (r.first..=r.last).contains(&slot))
         };
         let prefix = self.env.cfg.apply.checkpoint_prefix.clone();
-        let keys = self.target_keys(db).await?;
+        let keys: Vec<Bytes> = self
+            .target_keys(Some(db))
+            .await?
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect();
         let doomed: Vec<Bytes> = keys
             .into_iter()
             .filter(|k| !k.starts_with(prefix.as_bytes()) && in_scope(k))
@@ -1235,10 +1240,11 @@ impl Lane {
         Ok(out)
     }
 
-    /// Every key of the target's `db`, retrying transient errors.
-    async fn target_keys(&mut self, db: u32) -> Result<Vec<Bytes>, Stop> {
+    /// The target's keys with their db: of `db`, or of every db that holds keys (`None`),
+    /// retrying transient errors.
+    async fn target_keys(&mut self, db: Option<u32>) -> Result<Vec<(u32, Bytes)>, Stop> {
         loop {
-            match self.target.scan_keys(db).await {
+            match self.target.keys(db).await {
                 Ok(keys) => return Ok(keys),
                 Err(ApplyError::Transient { code, message }) => {
                     tracing::warn!(
@@ -1273,34 +1279,21 @@ impl Lane {
                 && (start.scope.is_empty()
                     || start.scope.iter().any(|r| (r.first..=r.last).contains(&s)))
         };
-        let dbs = loop {
-            match self.target.keyspace_dbs().await {
-                Ok(dbs) => break dbs,
-                Err(ApplyError::Transient { code, message }) => {
-                    tracing::warn!(
-                        partition = self.partition,
-                        "target: {code} {message}; retrying"
-                    );
-                    self.pause(Duration::from_millis(200)).await?;
-                }
-                Err(e) => return Err(self.halt(&format!("cannot list the target's dbs: {e}"))),
-            }
-        };
+        let mut doomed: Vec<(u32, Bytes)> = self
+            .target_keys(None)
+            .await?
+            .into_iter()
+            .filter(|(_, k)| !k.starts_with(prefix.as_bytes()) && mine(k))
+            .collect();
+        doomed.sort_by_key(|(db, _)| *db);
+        let deleted = doomed.len();
         let mut ops = Vec::new();
-        let mut deleted = 0usize;
-        for db in dbs {
-            let doomed: Vec<Bytes> = self
-                .target_keys(db)
-                .await?
-                .into_iter()
-                .filter(|k| !k.starts_with(prefix.as_bytes()) && mine(k))
-                .collect();
-            deleted += doomed.len();
-            for keys in doomed.chunks(512) {
+        for group in doomed.chunk_by(|a, b| a.0 == b.0) {
+            for keys in group.chunks(512) {
                 let mut unlink = vec![b("UNLINK")];
-                unlink.extend(keys.iter().cloned());
+                unlink.extend(keys.iter().map(|(_, k)| k.clone()));
                 ops.push(Op {
-                    db: Some(db),
+                    db: Some(keys[0].0),
                     args: unlink,
                 });
             }

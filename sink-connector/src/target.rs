@@ -768,8 +768,21 @@ impl Target {
         }
     }
 
+    /// The target's keys with their db: of `db`, or of every db that holds keys (`None`).
+    pub async fn keys(&mut self, db: Option<u32>) -> Result<Vec<(u32, Bytes)>, ApplyError> {
+        let dbs = match db {
+            Some(db) => vec![db],
+            None => self.keyspace_dbs().await?,
+        };
+        let mut all = Vec::new();
+        for db in dbs {
+            all.extend(self.scan_keys(db).await?.into_iter().map(|k| (db, k)));
+        }
+        Ok(all)
+    }
+
     /// The dbs that hold keys (`INFO keyspace`; db 0 only on a cluster).
-    pub async fn keyspace_dbs(&mut self) -> Result<Vec<u32>, ApplyError> {
+    async fn keyspace_dbs(&mut self) -> Result<Vec<u32>, ApplyError> {
         let mut conn = self.conn().await?;
         if self.cluster.is_some() {
             return Ok(vec![0]);
@@ -790,7 +803,7 @@ impl Target {
     }
 
     /// Every key of `db` (db 0 on a cluster: every master's keys).
-    pub async fn scan_keys(&mut self, db: u32) -> Result<Vec<Bytes>, ApplyError> {
+    async fn scan_keys(&mut self, db: u32) -> Result<Vec<Bytes>, ApplyError> {
         let conns = if self.cluster.is_some() {
             self.masters().await?
         } else {
