@@ -200,10 +200,7 @@ mod tests {
     }
 
     fn args(words: &[&str]) -> Vec<Bytes> {
-        words
-            .iter()
-            .map(|w| Bytes::copy_from_slice(w.as_bytes()))
-            .collect()
+        words.iter().map(|w| crate::cluster::b(w)).collect()
     }
 
     #[test]
