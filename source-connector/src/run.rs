@@ -550,7 +550,12 @@ async fn session(
     let result = replica::session(shared, &mut publisher, &mut stop).await;
     forward.abort();
     drop(publisher);
-    if *shutdown.borrow() {
+    // The process is about to stop: deliver what was published before the end (dropping the
+    // producer would purge it). A transient error starts a new session, which republishes from
+    // the checkpoint instead.
+    let stopping =
+        *shutdown.borrow() || matches!(result, Err(LinkError::Fatal(_) | LinkError::Done(_)));
+    if stopping {
         let _ = rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10));
     }
     result
