@@ -41,7 +41,15 @@ cleanup() {
   trap - EXIT INT TERM
   echo
   echo "stopping..."
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # Newest first: the workload and the connectors stop while the broker and Redis still answer
+  # (a consumer leaving its group needs the broker); then the servers. Anything still running
+  # after 20 s is killed.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    p="${pids[$i]}"
+    kill "$p" 2>/dev/null || continue
+    for _ in $(seq 1 200); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+  done
   wait 2>/dev/null || true
   echo "stopped; logs are in $RUN_DIR"
 }
@@ -137,7 +145,7 @@ broker            127.0.0.1:$BROKER_PORT, topic $TOPIC ($PARTITIONS partitions)
 metrics           http://$SOURCE_METRICS/metrics   http://$SINK_METRICS/metrics
 health            http://$SOURCE_METRICS/health    http://$SINK_METRICS/health
 logs              $RUN_DIR
-compare           scripts/verify.sh $SOURCE_URL $TARGET_URL   (checkpoint keys excluded)
+compare           target/debug/sink-connector verify --config $RUN_DIR/sink.toml --source $(echo "$SOURCE_URL" | sed -E 's#://([^:@/]*):[^@]*@#://\1:***@#')   (checkpoint keys excluded)
 Press Ctrl-C to stop.
 INFO
 
