@@ -85,11 +85,7 @@ impl Filter {
             include_keys: bytes(&cfg.include_keys),
             exclude_keys: bytes(&cfg.exclude_keys),
             include_dbs: cfg.include_dbs.clone(),
-            exclude_commands: cfg
-                .exclude_commands
-                .iter()
-                .map(|c| c.to_ascii_lowercase().into_bytes())
-                .collect(),
+            exclude_commands: bytes(&cfg.exclude_commands),
         }
     }
 
@@ -112,7 +108,7 @@ impl Filter {
         if self
             .exclude_commands
             .iter()
-            .any(|c| c.as_slice() == name.to_ascii_lowercase().as_slice())
+            .any(|c| c.eq_ignore_ascii_case(name))
         {
             return false;
         }

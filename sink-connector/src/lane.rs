@@ -1231,11 +1231,7 @@ impl Lane {
                 out.push(cmd);
                 continue;
             }
-            for keys in doomed.chunks(512) {
-                let mut unlink = vec![b("UNLINK")];
-                unlink.extend(keys.iter().cloned());
-                out.push(unlink);
-            }
+            out.extend(unlinks(&doomed));
         }
         Ok(out)
     }
@@ -1289,14 +1285,9 @@ impl Lane {
         let deleted = doomed.len();
         let mut ops = Vec::new();
         for group in doomed.chunk_by(|a, b| a.0 == b.0) {
-            for keys in group.chunks(512) {
-                let mut unlink = vec![b("UNLINK")];
-                unlink.extend(keys.iter().map(|(_, k)| k.clone()));
-                ops.push(Op {
-                    db: Some(keys[0].0),
-                    args: unlink,
-                });
-            }
+            let keys: Vec<Bytes> = group.iter().map(|(_, k)| k.clone()).collect();
+            let db = Some(group[0].0);
+            ops.extend(unlinks(&keys).map(|args| Op { db, args }));
         }
         ops.push(self.checkpoint_op(
             self.key.clone(),
@@ -1373,6 +1364,15 @@ impl Lane {
             .await?;
         Ok(())
     }
+}
+
+/// `UNLINK`s of `keys`, 512 keys per command.
+fn unlinks(keys: &[Bytes]) -> impl Iterator<Item = Args> + '_ {
+    keys.chunks(512).map(|chunk| {
+        std::iter::once(b("UNLINK"))
+            .chain(chunk.iter().cloned())
+            .collect()
+    })
 }
 
 /// `FUNCTION LOAD` from one shard of a cluster source: every shard loads the same library, so

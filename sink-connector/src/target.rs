@@ -566,31 +566,20 @@ impl Target {
 
     /// A non-transactional command on a cluster target, where its keys live.
     async fn query_routed(&mut self, args: &[Bytes]) -> Result<Value, ApplyError> {
-        let args_vec: Args = args.to_vec();
-        let result = match cluster::routing(&args_vec) {
+        match cluster::routing(args) {
             Routing::Slot(slot) => {
                 let mut conn = self.slot_conn(slot).await?;
-                self.one(&mut conn, args).await
+                self.checked(&mut conn, args).await
             }
             Routing::AllMasters | Routing::Anywhere => {
                 let mut last = Value::Nil;
                 for mut conn in self.masters().await? {
-                    last = self.one(&mut conn, args).await?;
-                    if let Some((code, message)) = server_error(&last) {
-                        return Err(ApplyError::refused(code, message, None));
-                    }
+                    last = self.checked(&mut conn, args).await?;
                 }
                 Ok(last)
             }
             Routing::CrossSlot => Err(cross_slot(args, None)),
-        };
-        let v = result?;
-        if let Some((code, message)) = server_error(&v) {
-            let e = ApplyError::refused(code, message, None);
-            self.note_cluster_error(&e);
-            return Err(e);
         }
-        Ok(v)
     }
 
     /// Applies ops on a cluster target: one `MULTI/EXEC` on the slot's master when they are all

@@ -233,10 +233,15 @@ impl Migrations {
     /// command without the keys it must not delete (`None`: nothing left to publish).
     pub fn filter(&self, shard: &str, args: Vec<bytes::Bytes>) -> Option<Vec<bytes::Bytes>> {
         let name = args.first()?;
+        let import = name.eq_ignore_ascii_case(b"restore-asking");
+        // Every other command passes without taking the lock (this runs for every write).
+        if !import && !name.eq_ignore_ascii_case(b"del") && !name.eq_ignore_ascii_case(b"unlink") {
+            return Some(args);
+        }
         let Ok(mut inner) = self.inner.lock() else {
             return Some(args);
         };
-        if name.eq_ignore_ascii_case(b"restore-asking") {
+        if import {
             if let Some(key) = args.get(1) {
                 if inner.owner.insert(key.clone(), shard.to_owned()).is_none() {
                     inner.order.push_back(key.clone());
@@ -249,9 +254,7 @@ impl Migrations {
             }
             return Some(args);
         }
-        if !(name.eq_ignore_ascii_case(b"del") || name.eq_ignore_ascii_case(b"unlink"))
-            || inner.owner.is_empty()
-        {
+        if inner.owner.is_empty() {
             return Some(args);
         }
         let moved = |k: &bytes::Bytes| inner.owner.get(k).is_some_and(|o| o != shard);

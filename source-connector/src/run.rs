@@ -125,7 +125,19 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         shutdown,
     };
     match topology(&ctx, &endpoint).await? {
-        None => shard_loop(ctx.clone(), config.shard_name(), endpoint, None).await,
+        None => {
+            let shard = config.shard_name();
+            let loaded = {
+                let (client, topic, shard) = (
+                    ctx.client.clone(),
+                    ctx.checkpoint_topic.clone(),
+                    shard.clone(),
+                );
+                tokio::task::spawn_blocking(move || checkpoint::load(&client, &topic, &shard))
+                    .await??
+            };
+            shard_loop(ctx.clone(), shard, endpoint, loaded, None).await
+        }
         Some(masters) => run_cluster(ctx, endpoint, masters).await,
     }
 }
@@ -144,8 +156,8 @@ struct ShardContext {
 #[derive(Debug)]
 struct Follow {
     members: Vec<String>,
+    /// The nodes to ask, the configured one last (`node_endpoints`).
     seeds: Arc<Mutex<Vec<Endpoint>>>,
-    seed: Endpoint,
     /// Set by the topology watcher when the shard's master changed: the session ends cleanly
     /// (what Kafka acknowledged is checkpointed) and the loop reconnects to the new master.
     relink: watch::Receiver<()>,
@@ -223,17 +235,18 @@ async fn run_cluster(
         let follow = Follow {
             members: members.clone(),
             seeds: Arc::clone(&seeds),
-            seed: seed.clone(),
             relink: rx,
             migrations: Arc::clone(&migrations),
             tls: ctx.config.redis.tls.clone(),
             scope: scope_rx,
         };
         let endpoint = cluster::at(&seed, &master.host, master.port);
+        let loaded = existing.get(&shard).cloned();
         tasks.spawn(shard_loop(
             ctx.clone(),
             shard.clone(),
             endpoint,
+            loaded,
             Some(follow),
         ));
         shards.push(Watched {
@@ -242,7 +255,6 @@ async fn run_cluster(
             relink: tx,
             scope: scope_tx,
             master: master.id.clone(),
-            slots: master.slots.clone(),
         });
     };
     for m in &masters {
@@ -299,12 +311,10 @@ async fn run_cluster(
                         counter!("source_cluster_failovers_total", "shard" => w.shard.clone())
                             .increment(1);
                         w.master = m.id.clone();
-                        w.slots = m.slots.clone();
                         let _ = w.scope.send(m.slots.clone());
                         let _ = w.relink.send(());
-                    } else if w.slots != m.slots {
+                    } else if *w.scope.borrow() != m.slots {
                         tracing::info!(shard = %w.shard, "the shard now serves slots {}", ranges_text(&m.slots));
-                        w.slots = m.slots.clone();
                         let _ = w.scope.send(m.slots.clone());
                     }
                 }
@@ -358,7 +368,6 @@ struct Watched {
     scope: watch::Sender<Vec<(u16, u16)>>,
     /// Node id of its master.
     master: String,
-    slots: Vec<(u16, u16)>,
 }
 
 fn node_endpoints(seed: &Endpoint, masters: &[cluster::Master]) -> Vec<Endpoint> {
@@ -390,8 +399,7 @@ async fn resolve(
     follow: &mut Follow,
     timeout: Duration,
 ) -> Result<cluster::Master, LinkError> {
-    let mut known = follow.seeds.lock().map(|s| s.clone()).unwrap_or_default();
-    known.push(follow.seed.clone());
+    let known = follow.seeds.lock().map(|s| s.clone()).unwrap_or_default();
     let tls = follow.tls.clone();
     let masters = tokio::task::spawn_blocking(move || cluster::discover_any(&known, &tls, timeout))
         .await
@@ -420,16 +428,11 @@ async fn shard_loop(
     ctx: ShardContext,
     shard: String,
     endpoint: Endpoint,
+    loaded: Option<checkpoint::Checkpoint>,
     mut follow: Option<Follow>,
 ) -> anyhow::Result<()> {
     let config = ctx.config.clone();
     let mut shutdown = ctx.shutdown.clone();
-    let loaded = {
-        let client = ctx.client.clone();
-        let topic = ctx.checkpoint_topic.clone();
-        let shard = shard.clone();
-        tokio::task::spawn_blocking(move || checkpoint::load(&client, &topic, &shard)).await??
-    };
     match &loaded {
         Some(c) => {
             tracing::info!(shard = %shard, "resuming from checkpoint: epoch {}, offset {}, snapshot {}", c.epoch, c.offset, if c.snapshot_done { "complete" } else { "incomplete (a full sync follows)" })
