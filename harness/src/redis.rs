@@ -205,6 +205,11 @@ impl RedisServer {
         })
     }
 
+    /// The process id (0 once it has exited).
+    pub fn pid(&self) -> u32 {
+        self.process.pid().unwrap_or(0)
+    }
+
     pub fn process(&mut self) -> &mut ManagedProcess {
         &mut self.process
     }

@@ -191,11 +191,17 @@ pub async fn run(
         let shutdown = shutdown.clone();
         tokio::task::spawn_blocking(move || wait_for_topic(&base, &topic, &shutdown)).await??
     };
+    // The prefetch queue is per partition: its bounds are shared out so that the whole consumer
+    // stays within about 64 MiB of records however many partitions it owns, while each
+    // partition still gets enough to keep its lane busy.
+    let queue_kbytes = (65536 / partitions.max(1)).clamp(1024, 16384).to_string();
     let mut c = service::kafka::client_config(
         &cfg.kafka.bootstrap_servers,
         &[
             ("auto.offset.reset", "earliest"),
-            ("queued.max.messages.kbytes", "16384"),
+            ("queued.max.messages.kbytes", &queue_kbytes),
+            ("queued.min.messages", "20000"),
+            ("fetch.wait.max.ms", "10"),
             ("session.timeout.ms", "6000"),
             ("heartbeat.interval.ms", "1000"),
             // Offsets are only a restart hint; committing every second keeps replays short.

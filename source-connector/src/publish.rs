@@ -1,20 +1,25 @@
 //! Publishing records to Kafka and tracking what Kafka has durably acknowledged.
 //!
 //! Records are produced in replication order through one idempotent producer (`acks=all`), so
-//! each partition receives them in order. A tracker task awaits the deliveries in the same order
-//! and advances the acknowledged [`Mark`]: a mark moves only when its record and every record
-//! before it are acknowledged. Memory is bounded by `max_in_flight_bytes`: when Kafka is slow or
-//! down, [`Publisher::publish`] waits, which stops the caller from reading Redis.
+//! each partition receives them in order. Each record carries its sequence number as librdkafka's
+//! delivery opaque (no allocation, future or channel per record); the producer's delivery
+//! callback counts the acknowledgements in [`Deliveries`] and advances the acknowledged [`Mark`]:
+//! a mark moves only when its record and every record before it are acknowledged. Memory is
+//! bounded by `max_in_flight_bytes`: when Kafka is slow or down, [`Publisher::publish`] waits,
+//! which stops the caller from reading Redis.
 
 use crate::records::{Mark, Outgoing};
-use metrics::{counter, gauge, histogram, Counter, Gauge};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use proto::topic;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use std::sync::Arc;
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 /// Settings every producer gets (the operator's `kafka.properties` may add to them, but not
 /// weaken delivery: these are applied last).
@@ -33,27 +38,178 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("max.in.flight.requests.per.connection", "5"),
 ];
 
-/// Creates the producer from the connector's Kafka settings.
-pub fn producer(cfg: &crate::config::KafkaConfig) -> anyhow::Result<FutureProducer> {
+/// The producer the connector uses: librdkafka's delivery reports go to [`Deliveries`].
+pub type KafkaProducer = ThreadedProducer<Deliveries>;
+
+fn producer_config(cfg: &crate::config::KafkaConfig) -> rdkafka::ClientConfig {
     let mut c =
         service::kafka::client_config(&cfg.bootstrap_servers, PRODUCER_DEFAULTS, &cfg.properties);
     c.set("compression.type", &cfg.compression);
     for (k, v) in PRODUCER_GUARANTEES {
         c.set(*k, *v);
     }
-    c.create().map_err(|e| {
-        anyhow::anyhow!(
-            "cannot create Kafka producer for {}: {e}",
-            cfg.bootstrap_servers
-        )
-    })
+    c
 }
 
-struct InFlight {
-    deliveries: Vec<DeliveryFuture>,
+fn creation_error(cfg: &crate::config::KafkaConfig, e: KafkaError) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot create Kafka producer for {}: {e}",
+        cfg.bootstrap_servers
+    )
+}
+
+/// Creates one shard's producer.
+pub fn producer(cfg: &crate::config::KafkaConfig, shard: &str) -> anyhow::Result<KafkaProducer> {
+    producer_config(cfg)
+        .create_with_context(Deliveries::new(shard, cfg.max_in_flight_bytes))
+        .map_err(|e| creation_error(cfg, e))
+}
+
+/// Fails when librdkafka rejects the producer settings (an unknown or invalid property).
+pub fn check_settings(cfg: &crate::config::KafkaConfig) -> anyhow::Result<()> {
+    let _: rdkafka::producer::BaseProducer = producer_config(cfg)
+        .create()
+        .map_err(|e| creation_error(cfg, e))?;
+    Ok(())
+}
+
+/// Opaques with this bit set belong to [`Publisher::send_and_wait`]; the others are record
+/// sequence numbers.
+const WAITER: usize = 1 << (usize::BITS - 1);
+
+/// Delivery bookkeeping, shared by the publisher and librdkafka's polling thread.
+pub struct Deliveries {
+    shard: String,
+    state: Mutex<Tracker>,
+    next_waiter: AtomicUsize,
+    /// Bytes that may be in flight; a record's cost returns when it and everything before it
+    /// are delivered.
+    budget: Arc<Semaphore>,
+    max_in_flight: usize,
+    acked: watch::Sender<Option<Mark>>,
+    failed: watch::Sender<Option<String>>,
+    latency: Histogram,
+    offset_acked: Gauge,
+}
+
+#[derive(Default)]
+struct Tracker {
+    /// Sequence number of `pending[0]`.
+    base: usize,
+    pending: VecDeque<Pending>,
+    waiters: HashMap<usize, oneshot::Sender<Result<(), String>>>,
+}
+
+struct Pending {
+    /// Partitions that have not acknowledged the record yet.
+    remaining: usize,
     mark: Option<Mark>,
     started: Instant,
-    _permit: OwnedSemaphorePermit,
+    cost: usize,
+}
+
+impl Deliveries {
+    fn new(shard: &str, max_in_flight: usize) -> Self {
+        Deliveries {
+            shard: shard.to_owned(),
+            state: Mutex::default(),
+            next_waiter: AtomicUsize::new(0),
+            budget: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            acked: watch::channel(None).0,
+            failed: watch::channel(None).0,
+            latency: histogram!("source_produce_latency_seconds", "shard" => shard.to_owned()),
+            offset_acked: gauge!("source_offset_acked", "shard" => shard.to_owned()),
+        }
+    }
+
+    /// Registers a record produced to `partitions` partitions; returns its opaque.
+    fn begin(&self, partitions: usize, mark: Option<Mark>, cost: usize) -> usize {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = state.base + state.pending.len();
+        state.pending.push_back(Pending {
+            remaining: partitions,
+            mark,
+            started: Instant::now(),
+            cost,
+        });
+        seq
+    }
+
+    fn waiter(&self) -> (usize, oneshot::Receiver<Result<(), String>>) {
+        let id = WAITER | self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.waiters.insert(id, tx);
+        (id, rx)
+    }
+
+    fn fail(&self, e: &KafkaError) {
+        counter!("source_kafka_errors_total", "shard" => self.shard.clone(), "code" => error_code(e))
+            .increment(1);
+        if self.failed.borrow().is_none() {
+            tracing::error!(shard = %self.shard, "Kafka delivery failed: {e}; restarting from the last checkpoint");
+            self.failed.send_replace(Some(e.to_string()));
+        }
+    }
+}
+
+impl std::fmt::Debug for Deliveries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deliveries")
+            .field("shard", &self.shard)
+            .finish()
+    }
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        self.delivered(opaque, result.as_ref().err().map(|(e, _)| e));
+    }
+}
+
+impl Deliveries {
+    /// One partition's delivery report for the record (or checkpoint write) `opaque`.
+    fn delivered(&self, opaque: usize, error: Option<&KafkaError>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if opaque & WAITER != 0 {
+            if let Some(tx) = state.waiters.remove(&opaque) {
+                let _ = tx.send(error.map_or(Ok(()), |e| Err(e.to_string())));
+            }
+            return;
+        }
+        if let Some(e) = error {
+            // A failed record stops the mark for good: the session restarts from the
+            // checkpoint and republishes everything after it.
+            drop(state);
+            self.fail(e);
+            state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        }
+        let Some(pending) = opaque
+            .checked_sub(state.base)
+            .and_then(|i| state.pending.get_mut(i))
+        else {
+            return;
+        };
+        pending.remaining = pending.remaining.saturating_sub(1);
+        let mut mark = None;
+        while state.pending.front().is_some_and(|p| p.remaining == 0) {
+            let done = state.pending.pop_front().expect("checked above");
+            state.base += 1;
+            self.budget.add_permits(done.cost);
+            self.latency.record(done.started.elapsed().as_secs_f64());
+            mark = done.mark.or(mark);
+        }
+        drop(state);
+        if let Some(mark) = mark.filter(|_| self.failed.borrow().is_none()) {
+            self.offset_acked.set(mark.offset as f64);
+            self.acked.send_replace(Some(mark));
+        }
+    }
 }
 
 /// Why publishing stopped.
@@ -67,12 +223,11 @@ pub struct PublishError {
 }
 
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: KafkaProducer,
+    deliveries: Arc<Deliveries>,
     topic: String,
     shard: String,
-    budget: Arc<Semaphore>,
     max_in_flight: usize,
-    queue: mpsc::UnboundedSender<InFlight>,
     acked: watch::Receiver<Option<Mark>>,
     failed: watch::Receiver<Option<String>>,
     /// The last mark handed to Kafka (what `flush` waits for).
@@ -94,26 +249,10 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
-impl std::fmt::Debug for InFlight {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InFlight")
-            .field("mark", &self.mark)
-            .finish()
-    }
-}
-
 impl Publisher {
-    pub fn new(
-        producer: FutureProducer,
-        topic: String,
-        shard: String,
-        max_in_flight: usize,
-        max_message_bytes: usize,
-    ) -> Self {
-        let (queue, rx) = mpsc::unbounded_channel();
-        let (acked_tx, acked) = watch::channel(None);
-        let (failed_tx, failed) = watch::channel(None);
-        tokio::spawn(track(rx, acked_tx, failed_tx, shard.clone()));
+    pub fn new(producer: KafkaProducer, topic: String, max_message_bytes: usize) -> Self {
+        let deliveries = producer.context().clone();
+        let shard = deliveries.shard.clone();
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: topic::HEADER_CONTENT_TYPE,
@@ -131,14 +270,13 @@ impl Publisher {
             records_produced: counter!("source_records_produced_total", "shard" => shard.clone()),
             bytes_produced: counter!("source_bytes_produced_total", "shard" => shard.clone()),
             offset_published: gauge!("source_offset_published", "shard" => shard.clone()),
+            acked: deliveries.acked.subscribe(),
+            failed: deliveries.failed.subscribe(),
+            max_in_flight: deliveries.max_in_flight,
+            deliveries,
             producer,
             topic,
             shard,
-            budget: Arc::new(Semaphore::new(max_in_flight)),
-            max_in_flight,
-            queue,
-            acked,
-            failed,
             published: None,
             max_message_bytes,
             headers,
@@ -174,36 +312,18 @@ impl Publisher {
             });
         }
         let cost = (payload.len() * out.partitions.len()).clamp(1, self.max_in_flight);
-        let permit = match Arc::clone(&self.budget).try_acquire_many_owned(cost as u32) {
-            Ok(p) => p,
-            Err(_) => {
-                let waited = Instant::now();
-                gauge!("source_backpressure", "shard" => self.shard.clone()).set(1.0);
-                tracing::debug!(shard = %self.shard, "waiting on Kafka: {} bytes in flight", self.max_in_flight);
-                let p = Arc::clone(&self.budget)
-                    .acquire_many_owned(cost as u32)
-                    .await
-                    .expect("the semaphore is never closed");
-                gauge!("source_backpressure", "shard" => self.shard.clone()).set(0.0);
-                histogram!("source_backpressure_wait_seconds", "shard" => self.shard.clone())
-                    .record(waited.elapsed().as_secs_f64());
-                p
-            }
-        };
+        self.reserve(cost).await;
+        let opaque = self.deliveries.begin(out.partitions.len(), out.mark, cost);
         let key = out.key.to_bytes();
-        let mut deliveries = Vec::with_capacity(out.partitions.len());
         for &partition in &out.partitions {
-            let mut record = FutureRecord::to(&self.topic)
+            let mut record = BaseRecord::with_opaque_to(&self.topic, opaque)
                 .partition(partition as i32)
                 .key(&key)
                 .payload(&payload)
                 .headers(self.headers.clone());
             loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push(delivery);
-                        break;
-                    }
+                match self.producer.send(record) {
+                    Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         record = r;
                         counter!("source_kafka_queue_full_total", "shard" => self.shard.clone())
@@ -211,7 +331,9 @@ impl Publisher {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
-                        counter!("source_kafka_errors_total", "shard" => self.shard.clone(), "code" => error_code(&e)).increment(1);
+                        // The record never reaches the delivery callback: fail the session
+                        // (its mark can no longer move past this record).
+                        self.deliveries.fail(&e);
                         return Err(self.error(e.to_string()));
                     }
                 }
@@ -223,13 +345,31 @@ impl Publisher {
             self.published = Some(mark);
             self.offset_published.set(mark.offset as f64);
         }
-        let _ = self.queue.send(InFlight {
-            deliveries,
-            mark: out.mark,
-            started: Instant::now(),
-            _permit: permit,
-        });
         Ok(())
+    }
+
+    /// Takes `cost` bytes of the in-flight budget, waiting (and saying so) while Kafka has not
+    /// acknowledged enough.
+    async fn reserve(&self, cost: usize) {
+        let budget = &self.deliveries.budget;
+        let permit = match budget.try_acquire_many(cost as u32) {
+            Ok(p) => p,
+            Err(_) => {
+                let waited = Instant::now();
+                gauge!("source_backpressure", "shard" => self.shard.clone()).set(1.0);
+                tracing::debug!(shard = %self.shard, "waiting on Kafka: {} bytes in flight", self.max_in_flight);
+                let p = budget
+                    .acquire_many(cost as u32)
+                    .await
+                    .expect("the semaphore is never closed");
+                gauge!("source_backpressure", "shard" => self.shard.clone()).set(0.0);
+                histogram!("source_backpressure_wait_seconds", "shard" => self.shard.clone())
+                    .record(waited.elapsed().as_secs_f64());
+                p
+            }
+        };
+        // Returned by the delivery callback.
+        permit.forget();
     }
 
     /// Waits until everything produced so far is acknowledged (or a delivery failed).
@@ -258,15 +398,29 @@ impl Publisher {
         key: &[u8],
         payload: &[u8],
     ) -> anyhow::Result<()> {
-        let record = FutureRecord::to(topic)
+        let (opaque, delivered) = self.deliveries.waiter();
+        let mut record = BaseRecord::with_opaque_to(topic, opaque)
             .key(key)
             .payload(payload)
             .partition(0);
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| anyhow::anyhow!("cannot write to {topic}: {e}"))?;
-        Ok(())
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if Instant::now() < deadline =>
+                {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => anyhow::bail!("cannot write to {topic}: {e}"),
+            }
+        }
+        match delivered.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => anyhow::bail!("cannot write to {topic}: {e}"),
+            Err(_) => anyhow::bail!("cannot write to {topic}: the producer stopped"),
+        }
     }
 
     fn error(&self, error: String) -> PublishError {
@@ -285,32 +439,73 @@ fn error_code(e: &KafkaError) -> String {
     }
 }
 
-async fn track(
-    mut rx: mpsc::UnboundedReceiver<InFlight>,
-    acked: watch::Sender<Option<Mark>>,
-    failed: watch::Sender<Option<String>>,
-    shard: String,
-) {
-    let latency = histogram!("source_produce_latency_seconds", "shard" => shard.clone());
-    let offset_acked = gauge!("source_offset_acked", "shard" => shard.clone());
-    while let Some(item) = rx.recv().await {
-        for delivery in item.deliveries {
-            let result = match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(e),
-                Err(_) => Err(KafkaError::Canceled),
-            };
-            if let Err(e) = result {
-                counter!("source_kafka_errors_total", "shard" => shard.clone(), "code" => error_code(&e)).increment(1);
-                tracing::error!(shard = %shard, "Kafka delivery failed: {e}; restarting from the last checkpoint");
-                let _ = failed.send(Some(e.to_string()));
-                return;
-            }
-        }
-        latency.record(item.started.elapsed().as_secs_f64());
-        if let Some(mark) = item.mark {
-            offset_acked.set(mark.offset as f64);
-            let _ = acked.send(Some(mark));
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(offset: u64) -> Option<Mark> {
+        Some(Mark {
+            offset,
+            snapshot_done: false,
+        })
+    }
+
+    /// A mark moves only once its record and every record before it are acknowledged on every
+    /// partition they went to; the in-flight budget comes back in the same order.
+    #[test]
+    fn marks_advance_in_order_across_partitions() {
+        let d = Deliveries::new("t", 100);
+        let acked = d.acked.subscribe();
+        d.budget.try_acquire_many(30).unwrap().forget();
+        let a = d.begin(2, mark(10), 10);
+        let b = d.begin(1, None, 10);
+        let c = d.begin(1, mark(30), 10);
+        d.delivered(c, None);
+        d.delivered(a, None);
+        assert_eq!(
+            *acked.borrow(),
+            None,
+            "a still waits for its second partition"
+        );
+        d.delivered(b, None);
+        assert_eq!(*acked.borrow(), None);
+        assert_eq!(d.budget.available_permits(), 70);
+        d.delivered(a, None);
+        assert_eq!(*acked.borrow(), mark(30), "a, b and c are all in");
+        assert_eq!(d.budget.available_permits(), 100);
+    }
+
+    /// After a failed delivery the mark never moves again (the session restarts from the
+    /// checkpoint), but the budget is still returned so nothing waits forever.
+    #[test]
+    fn a_failed_delivery_stops_the_mark() {
+        let d = Deliveries::new("t", 100);
+        let acked = d.acked.subscribe();
+        let failed = d.failed.subscribe();
+        d.budget.try_acquire_many(20).unwrap().forget();
+        let a = d.begin(1, mark(1), 10);
+        let b = d.begin(1, mark(2), 10);
+        d.delivered(a, None);
+        assert_eq!(*acked.borrow(), mark(1));
+        d.delivered(b, Some(&KafkaError::Canceled));
+        assert_eq!(*acked.borrow(), mark(1));
+        assert!(failed.borrow().is_some());
+        assert_eq!(d.budget.available_permits(), 100);
+    }
+
+    #[tokio::test]
+    async fn checkpoint_writes_get_their_own_answer() {
+        let d = Deliveries::new("t", 100);
+        let (id, rx) = d.waiter();
+        let r = d.begin(1, mark(5), 1);
+        d.delivered(id, None);
+        assert_eq!(rx.await.unwrap(), Ok(()));
+        assert_eq!(
+            *d.acked.borrow(),
+            None,
+            "a checkpoint write is not a record"
+        );
+        d.delivered(r, None);
+        assert_eq!(*d.acked.borrow(), mark(5));
     }
 }

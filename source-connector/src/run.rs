@@ -117,7 +117,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     .await?;
     // Fail early on bad Kafka settings; each session then gets a fresh producer, so a producer
     // that hit a fatal error (an idempotence failure after a broker lost state) is not reused.
-    drop(publish::producer(&config.kafka)?);
+    publish::check_settings(&config.kafka)?;
     let ctx = ShardContext {
         config: config.clone(),
         client,
@@ -522,12 +522,11 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     relink: Option<watch::Receiver<()>>,
 ) -> Result<(), LinkError> {
-    let producer = publish::producer(&config.kafka).map_err(|e| LinkError::Fatal(e.to_string()))?;
+    let producer = publish::producer(&config.kafka, &shared.shard)
+        .map_err(|e| LinkError::Fatal(e.to_string()))?;
     let mut publisher = Publisher::new(
         producer.clone(),
         config.kafka.topic.clone(),
-        shared.shard.clone(),
-        config.kafka.max_in_flight_bytes,
         config.kafka.max_message_bytes,
     );
     let (stop_tx, mut stop) = watch::channel(false);

@@ -169,19 +169,69 @@ fn main() -> anyhow::Result<()> {
             .ok()
             .flatten()
     })?;
+    let sink_pid = sink.process().pid().unwrap_or(0);
+    let processes = [
+        ("source redis", source.pid()),
+        ("source-connector", source_connector.pid()),
+        ("broker", broker.pid()),
+        ("sink-connector", sink_pid),
+        ("target redis", target.pid()),
+    ];
+
+    // 2a. End-to-end latency at a steady 20k writes/s (the figure): 100 SETs every 5 ms
+    // for 10 s, as one pipeline each.
+    let before = histogram_counts(&sink, "sink_end_to_end_seconds");
+    let mut conn = source.conn();
+    let paced = Instant::now();
+    let mut sent = 0u64;
+    while paced.elapsed() < Duration::from_secs(10) {
+        let due = (paced.elapsed().as_millis() as u64 / 5 + 1) * 100;
+        let mut pipe = redis::pipe();
+        while sent < due {
+            pipe.cmd("SET")
+                .arg(format!("paced:{}", sent % 100_000))
+                .arg(sent)
+                .ignore();
+            sent += 1;
+        }
+        pipe.query::<()>(&mut conn)?;
+        std::thread::sleep(
+            Duration::from_millis(5).saturating_sub(Duration::from_micros(
+                paced.elapsed().as_micros() as u64 % 5000,
+            )),
+        );
+    }
+    let rate = sent as f64 / paced.elapsed().as_secs_f64();
+    harness::wait_for(
+        "the paced writes to be applied",
+        Duration::from_secs(60),
+        || {
+            target
+                .cmd::<Option<String>>(&["GET", &format!("paced:{}", (sent - 1) % 100_000)])
+                .ok()
+                .flatten()
+                .filter(|v| *v == (sent - 1).to_string())
+        },
+    )?;
+    let after = histogram_counts(&sink, "sink_end_to_end_seconds");
+    let delta = histogram_delta(&before, &after);
+    println!(
+        "  latency at {rate:.0} writes/s for 10 s (capture -> applied): p50 <= {}, p99 <= {}",
+        quantile(&delta, 0.5),
+        quantile(&delta, 0.99)
+    );
+
+    // 2b. Throughput through the whole pipeline.
     let before = sink
         .metric("sink_commands_applied_total", &[])
         .unwrap_or(0.0);
-    let sink_pid = sink.process().pid().unwrap_or(0);
+    let cpu_before = cpu_seconds(&processes);
     let started = Instant::now();
     let source_rps = bench(source.port())?;
     let mut max_sink_rss = 0;
     // Which stage is the bottleneck: when Kafka had acknowledged everything the source wrote,
     // and when the target had applied it.
-    let written: f64 = source
-        .info_field("replication", "master_repl_offset")
-        .and_then(|o| o.parse().ok())
-        .unwrap_or(0.0);
+    let written = source_offset(&source);
     let mut published_at = None;
     harness::wait_for(
         "the sink to apply every SET",
@@ -200,6 +250,11 @@ fn main() -> anyhow::Result<()> {
         },
     )?;
     let elapsed = started.elapsed();
+    let cpu = cpu_seconds(&processes)
+        .iter()
+        .zip(&cpu_before)
+        .map(|(a, b)| a - b)
+        .collect::<Vec<_>>();
     if let Some(at) = published_at {
         println!(
             "  source connector: every SET durable in Kafka after {:.2} s ({:.0} SET/s)",
@@ -208,22 +263,93 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let ours = sets as f64 / elapsed.as_secs_f64();
-    let p99 = sink
-        .http_get("/metrics")
-        .map(|(_, body)| quantile_bucket(&body, "sink_end_to_end_seconds", 0.99))
-        .unwrap_or_default();
     println!("  (source written at {source_rps:.0} SET/s by the same redis-benchmark)");
     println!(
-        "  through the pipeline, applied:       {ours:>10.0} SET/s  (ratio {:.2}; {:.2} s for all; sink max RSS {max_sink_rss} MB; end-to-end p99 <= {p99})",
+        "  through the pipeline, applied:       {ours:>10.0} SET/s  (ratio {:.2}; {:.2} s for all; sink max RSS {max_sink_rss} MB)",
         ours / reference,
         elapsed.as_secs_f64()
+    );
+    println!(
+        "  CPU seconds during the burst (2 cores, {:.2} s wall): {}",
+        elapsed.as_secs_f64(),
+        processes
+            .iter()
+            .zip(&cpu)
+            .map(|((name, _), s)| format!("{name} {s:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // 2c. The sink alone: stopped while the source connector publishes the burst, then
+    // restarted; its rate is taken from its first applied record to its last.
+    sink.stop();
+    let written_before = source_offset(&source);
+    bench(source.port())?;
+    let written = source_offset(&source);
+    harness::wait_for("the burst to be in Kafka", Duration::from_secs(600), || {
+        source_connector
+            .metric("source_offset_acked", &[])
+            .is_some_and(|o| o >= written)
+            .then_some(())
+    })?;
+    anyhow::ensure!(
+        written > written_before,
+        "the burst did not reach the source"
+    );
+    sink.restart()?;
+    let sink_pid = sink.process().pid().unwrap_or(0);
+    let mut first: Option<(Instant, f64)> = None;
+    let mut max_sink_rss = 0;
+    harness::wait_for("the sink to catch up", Duration::from_secs(600), || {
+        max_sink_rss = max_sink_rss.max(rss_mb(sink_pid));
+        let applied = sink.metric("sink_commands_applied_total", &[])?;
+        if applied > 0.0 && first.is_none() {
+            first = Some((Instant::now(), applied));
+        }
+        (applied >= sets as f64).then_some(())
+    })?;
+    let (t0, a0) = first.expect("set when progress was seen");
+    let alone = (sets as f64 - a0) / t0.elapsed().as_secs_f64();
+    println!(
+        "  sink alone, catching up on the burst: {alone:>10.0} SET/s  (ratio {:.2}; sink max RSS {max_sink_rss} MB)",
+        alone / reference
     );
     drop(source_connector);
     Ok(())
 }
 
-/// The upper bound of the histogram bucket holding quantile `q`.
-fn quantile_bucket(body: &str, name: &str, q: f64) -> String {
+fn source_offset(source: &RedisServer) -> f64 {
+    source
+        .info_field("replication", "master_repl_offset")
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// utime + stime of each process, in seconds.
+fn cpu_seconds(processes: &[(&str, u32)]) -> Vec<f64> {
+    processes
+        .iter()
+        .map(|(_, pid)| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    // Fields after the command name, which is in parentheses.
+                    let rest = s.rsplit_once(')')?.1;
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+                    Some(ticks / 100.0)
+                })
+                .unwrap_or(0.0)
+        })
+        .collect()
+}
+
+/// Cumulative bucket counts `(le, count)` of a histogram on a connector's `/metrics`.
+fn histogram_counts(connector: &Connector, name: &str) -> Vec<(f64, f64)> {
+    let body = connector
+        .http_get("/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in body.lines() {
         if let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) {
@@ -239,10 +365,25 @@ fn quantile_bucket(body: &str, name: &str, q: f64) -> String {
             }
         }
     }
+    buckets
+}
+
+fn histogram_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+            (le, n - was)
+        })
+        .collect()
+}
+
+/// The upper bound of the bucket holding quantile `q`.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> String {
     let total = buckets.iter().map(|b| b.1).fold(0.0, f64::max);
     buckets
         .iter()
         .find(|(_, c)| *c >= q * total)
-        .map(|(le, _)| format!("{le} s"))
+        .map(|(le, _)| format!("{} ms", le * 1000.0))
         .unwrap_or_else(|| "n/a".into())
 }
