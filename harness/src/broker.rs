@@ -261,7 +261,7 @@ impl Broker {
     }
 
     pub fn stop(&mut self) {
-        self.process.stop(Duration::from_secs(10));
+        let _ = self.process.stop(Duration::from_secs(10));
     }
 
     /// Starts the broker again on the same port with the same storage.

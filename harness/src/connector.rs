@@ -106,9 +106,10 @@ impl Connector {
         self.process.kill9();
     }
 
-    /// SIGTERM and wait for a clean exit (up to 20 s).
-    pub fn stop(&mut self) {
-        self.process.stop(Duration::from_secs(20));
+    /// SIGTERM and wait for a clean exit (up to 20 s, then SIGKILL). Returns how long the
+    /// connector took to exit on its own (`None`: it had to be killed).
+    pub fn stop(&mut self) -> Option<Duration> {
+        self.process.stop(Duration::from_secs(20))
     }
 
     pub fn restart(&mut self) -> anyhow::Result<()> {

@@ -104,24 +104,27 @@ impl ManagedProcess {
         }
     }
 
-    /// SIGTERM, wait up to `grace`, then SIGKILL.
-    pub fn stop(&mut self, grace: std::time::Duration) {
+    /// SIGTERM, wait up to `grace`, then SIGKILL. Returns how long the process took to exit on
+    /// its own (`None`: it had to be killed, or was not running).
+    pub fn stop(&mut self, grace: std::time::Duration) -> Option<std::time::Duration> {
+        let started = std::time::Instant::now();
         if let Some(mut c) = self.child.take() {
             // SAFETY-free: kill(2) through libc on a pid we own.
             #[allow(unsafe_code)]
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
-            let deadline = std::time::Instant::now() + grace;
+            let deadline = started + grace;
             while std::time::Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
-                    return;
+                    return Some(started.elapsed());
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             let _ = c.kill();
             let _ = c.wait();
         }
+        None
     }
 
     /// Starts the process again with the same spec (after [`kill9`](Self::kill9) or

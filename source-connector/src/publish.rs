@@ -73,6 +73,9 @@ pub fn check_settings(cfg: &crate::config::KafkaConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What one produced message costs in memory besides its payload, for the in-flight budget.
+const MESSAGE_OVERHEAD: usize = 256;
+
 /// Opaques with this bit set belong to [`Publisher::send_and_wait`]; the others are record
 /// sequence numbers.
 const WAITER: usize = 1 << (usize::BITS - 1);
@@ -311,7 +314,10 @@ impl Publisher {
                 fatal: true,
             });
         }
-        let cost = (payload.len() * out.partitions.len()).clamp(1, self.max_in_flight);
+        // librdkafka's own bookkeeping per message (message, headers, batch space) counts too:
+        // for small records it is as large as the payload.
+        let cost = ((payload.len() + MESSAGE_OVERHEAD) * out.partitions.len())
+            .clamp(1, self.max_in_flight);
         self.reserve(cost).await;
         let opaque = self.deliveries.begin(out.partitions.len(), out.mark, cost);
         let key = out.key.to_bytes();

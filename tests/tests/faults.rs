@@ -708,3 +708,46 @@ fn lost_exec_replies_are_not_applied_twice() {
         recovery,
     );
 }
+
+/// Asked to stop while the broker is gone, both connectors exit on their own within 20 s
+/// instead of waiting for Kafka (the sink's consumer would wait to leave its group, the source's
+/// producer to deliver what it holds), and nothing is lost: once the broker is back, restarted
+/// connectors bring the target level with the source.
+#[test]
+fn connectors_stop_promptly_when_the_broker_is_gone() {
+    let mut p = Pipeline::start(Options {
+        storage: harness::broker::Storage::Sqlite,
+        ..Options::default()
+    })
+    .unwrap();
+    p.wait_running().unwrap();
+    let mut conn = p.source.conn();
+    for i in 0..200 {
+        exec(&mut conn, &[b"RPUSH", b"before", i.to_string().as_bytes()]);
+    }
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+    p.broker.kill9();
+    // Written while Kafka is unreachable: the source connector holds them unacknowledged.
+    for i in 0..200 {
+        exec(&mut conn, &[b"RPUSH", b"during", i.to_string().as_bytes()]);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let sink = p.sink.stop();
+    let source = p.source_connector.stop();
+    assert!(
+        sink.is_some(),
+        "the sink did not exit within 20 s of SIGTERM:\n{}",
+        p.sink.log()
+    );
+    assert!(
+        source.is_some(),
+        "the source connector did not exit within 20 s of SIGTERM:\n{}",
+        p.source_connector.log()
+    );
+    eprintln!("stopped without a broker: sink in {sink:?}, source connector in {source:?}");
+    p.broker.restart().unwrap();
+    p.source_connector.restart().unwrap();
+    p.sink.restart().unwrap();
+    let report = p.wait_equal(Duration::from_secs(120)).unwrap();
+    assert!(report.is_equal(), "{report}");
+}
