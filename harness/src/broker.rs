@@ -5,6 +5,7 @@
 
 use crate::ports::free_port;
 use crate::process::{ManagedProcess, Spec, WorkDir};
+use crate::proxy::FaultProxy;
 use crate::wait_for;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -35,6 +36,8 @@ pub struct Broker {
     // The process is dropped before its directory.
     process: ManagedProcess,
     port: u16,
+    /// What clients are told to connect to: the broker itself, or a proxy in front of it.
+    advertised: u16,
     storage: Storage,
     _dir: WorkDir,
 }
@@ -42,6 +45,20 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on a free port from an empty directory and waits until it serves metadata.
     pub fn start(storage: Storage) -> anyhow::Result<Broker> {
+        let port = free_port();
+        Broker::spawn(storage, port, port)
+    }
+
+    /// Starts a broker that advertises a fault-injecting proxy as its address, so every client
+    /// connection (bootstrap and the ones metadata points to) goes through the proxy.
+    pub fn start_behind_proxy(storage: Storage) -> anyhow::Result<(Broker, FaultProxy)> {
+        let port = free_port();
+        let proxy = FaultProxy::start(&format!("127.0.0.1:{port}"))?;
+        let broker = Broker::spawn(storage, port, proxy.port())?;
+        Ok((broker, proxy))
+    }
+
+    fn spawn(storage: Storage, port: u16, advertised: u16) -> anyhow::Result<Broker> {
         let bin = broker_bin();
         anyhow::ensure!(
             bin.exists(),
@@ -49,7 +66,6 @@ impl Broker {
             bin.display()
         );
         let dir = WorkDir::new("broker")?;
-        let port = free_port();
         let cwd = dir.subdir("run")?;
         let listener = format!("tcp://127.0.0.1:{port}");
         let engine = match storage {
@@ -65,7 +81,7 @@ impl Broker {
                 "--listener-url".into(),
                 listener.clone(),
                 "--advertised-listener-url".into(),
-                listener,
+                format!("tcp://127.0.0.1:{advertised}"),
                 "--storage-engine".into(),
                 engine,
             ],
@@ -75,6 +91,7 @@ impl Broker {
         let broker = Broker {
             process,
             port,
+            advertised,
             storage,
             _dir: dir,
         };
@@ -106,9 +123,9 @@ impl Broker {
         self.storage
     }
 
-    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    /// `127.0.0.1:PORT` (the advertised address), for `bootstrap.servers`.
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised)
     }
 
     /// A client configuration pointing at this broker.

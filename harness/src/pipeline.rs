@@ -29,6 +29,9 @@ pub struct Options {
     /// Put a fault-injecting proxy between the source connector and the source Redis
     /// (`Pipeline::source_proxy`), and between the sink and the target (`target_proxy`).
     pub proxies: bool,
+    /// Put the broker behind a fault-injecting proxy it advertises as its address
+    /// (`Pipeline::kafka_proxy`): every Kafka connection of both connectors goes through it.
+    pub kafka_proxy: bool,
     /// Environment overrides for the source connector (`SOURCE_…`) and the sink (`SINK_…`).
     pub source_env: Vec<(String, String)>,
     pub sink_env: Vec<(String, String)>,
@@ -46,6 +49,7 @@ impl Default for Options {
             source_user: None,
             target_user: None,
             proxies: false,
+            kafka_proxy: false,
             source_env: Vec::new(),
             sink_env: Vec::new(),
         }
@@ -107,6 +111,8 @@ pub struct Pipeline {
     pub source_proxy: Option<FaultProxy>,
     /// With `Options::proxies`: the sink reaches the target through this.
     pub target_proxy: Option<FaultProxy>,
+    /// With `Options::kafka_proxy`: both connectors reach the broker through this.
+    pub kafka_proxy: Option<FaultProxy>,
 }
 
 impl Pipeline {
@@ -123,7 +129,13 @@ impl Pipeline {
         target: RedisServer,
         options: Options,
     ) -> anyhow::Result<Pipeline> {
-        let broker = Broker::start(options.storage)?;
+        let (broker, kafka_proxy) = match options.kafka_proxy {
+            true => {
+                let (b, p) = Broker::start_behind_proxy(options.storage)?;
+                (b, Some(p))
+            }
+            false => (Broker::start(options.storage)?, None),
+        };
         let topic = random_topic("pipeline");
         let proxy = |server: &RedisServer| -> anyhow::Result<Option<FaultProxy>> {
             Ok(match options.proxies {
@@ -163,6 +175,7 @@ impl Pipeline {
             options,
             source_proxy,
             target_proxy,
+            kafka_proxy,
         })
     }
 

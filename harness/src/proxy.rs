@@ -1,4 +1,4 @@
-//! A fault-injecting TCP proxy on 127.0.0.1, put between a connector and Redis: added latency,
+//! A fault-injecting TCP proxy on 127.0.0.1, put between a connector and Redis or Kafka: added latency,
 //! dropped connections, and a half-open mode where connections stay up but nothing gets through
 //! in either direction (as when a network path dies without a reset).
 
@@ -48,6 +48,10 @@ impl FaultProxy {
             .name(format!("proxy-{port}"))
             .spawn(move || accept_loop(listener, accept_state))?;
         Ok(FaultProxy { port, state })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `127.0.0.1:<port>` to give the client instead of the upstream address.

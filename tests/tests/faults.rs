@@ -392,31 +392,7 @@ fn network_faults_between_connectors_and_redis() {
     let target_proxy = p.target_proxy.as_ref().unwrap();
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let stop = std::sync::Arc::clone(&stop);
-        let url = p.source.url();
-        std::thread::spawn(move || {
-            let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
-            let mut writes = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let i = writes;
-                exec(&mut conn, &[b"INCR", format!("c:{}", i % 50).as_bytes()]);
-                let item = i.to_string();
-                exec(
-                    &mut conn,
-                    &[
-                        b"RPUSH",
-                        format!("l:{}", i % 20).as_bytes(),
-                        item.as_bytes(),
-                    ],
-                );
-                exec(&mut conn, &[b"APPEND", b"log", item.as_bytes()]);
-                writes += 1;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            writes
-        })
-    };
+    let writer = counting_writer(&p.source, &stop);
 
     eprintln!("latency 50 ms on both links");
     source_proxy.set_latency(Duration::from_millis(50));
@@ -750,4 +726,100 @@ fn connectors_stop_promptly_when_the_broker_is_gone() {
     p.sink.restart().unwrap();
     let report = p.wait_equal(Duration::from_secs(120)).unwrap();
     assert!(report.is_equal(), "{report}");
+}
+
+/// Writes rounds of `INCR`, `RPUSH` and `APPEND` (each applied twice or skipped would show) until
+/// `stop`; returns the number of rounds.
+fn counting_writer(
+    source: &RedisServer,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let stop = std::sync::Arc::clone(stop);
+    let url = source.url();
+    std::thread::spawn(move || {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let mut writes = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let i = writes;
+            exec(&mut conn, &[b"INCR", format!("c:{}", i % 50).as_bytes()]);
+            let item = i.to_string();
+            exec(
+                &mut conn,
+                &[
+                    b"RPUSH",
+                    format!("l:{}", i % 20).as_bytes(),
+                    item.as_bytes(),
+                ],
+            );
+            exec(&mut conn, &[b"APPEND", b"log", item.as_bytes()]);
+            writes += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        writes
+    })
+}
+
+/// Network faults between both connectors and Kafka: the broker advertises a fault-injecting
+/// proxy, so every Kafka connection (the source's producer and checkpoint reads, the sink's
+/// consumer and group coordination) goes through it. Added latency, every connection cut at
+/// random moments, then a half-open period where connections stay up but nothing gets through
+/// (the sink's group session expires meanwhile). Nothing is lost or applied twice, and the
+/// source link to Redis never needs a full resync: the connector waits on Kafka instead.
+#[test]
+fn network_faults_between_connectors_and_kafka() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let p = Pipeline::start(Options {
+        kafka_proxy: true,
+        ..Options::default()
+    })
+    .unwrap();
+    p.wait_running().unwrap();
+    let proxy = p.kafka_proxy.as_ref().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = counting_writer(&p.source, &stop);
+
+    eprintln!("latency 100 ms on every Kafka connection");
+    proxy.set_latency(Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(4));
+    proxy.set_latency(Duration::ZERO);
+
+    let connections = proxy.connections();
+    for round in 0..3 {
+        let wait = Duration::from_millis(rng.random_range(500..2500));
+        std::thread::sleep(wait);
+        eprintln!("round {round}: cutting every Kafka connection after {wait:?}");
+        proxy.drop_connections();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        proxy.connections() > connections,
+        "the connectors did not reconnect to Kafka"
+    );
+
+    eprintln!("half-open Kafka connections for 12 s");
+    proxy.set_blackhole(true);
+    std::thread::sleep(Duration::from_secs(12));
+    proxy.set_blackhole(false);
+    std::thread::sleep(Duration::from_secs(2));
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+    eprintln!("{writes} rounds of writes");
+    let recovery = p.recover(Duration::from_secs(180)).unwrap();
+    eprintln!("recovered in {:.1} s", recovery.seconds);
+    harness::pipeline::record_reliability(
+        "network: 100 ms latency, 3 cuts of every Kafka connection, 12 s half-open Kafka connections",
+        1,
+        writes * 3,
+        recovery,
+    );
+    assert_eq!(
+        p.source_connector
+            .metric("source_full_syncs_total", &[])
+            .unwrap_or(0.0),
+        1.0,
+        "a Kafka fault must not cost a full resync:\n{}",
+        p.source_connector.log()
+    );
+    assert!(writes > 500, "the workload ran ({writes} rounds)");
 }
