@@ -202,6 +202,7 @@ pub async fn run(
             ("queued.max.messages.kbytes", &queue_kbytes),
             ("queued.min.messages", "20000"),
             ("fetch.wait.max.ms", "10"),
+            ("socket.timeout.ms", "10000"),
             ("session.timeout.ms", "6000"),
             ("heartbeat.interval.ms", "1000"),
             // Offsets are only a restart hint; committing every second keeps replays short.

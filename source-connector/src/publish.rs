@@ -36,6 +36,7 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("batch.size", "1000000"),
     ("queue.buffering.max.kbytes", "262144"),
     ("max.in.flight.requests.per.connection", "5"),
+    ("socket.timeout.ms", "10000"),
 ];
 
 /// The producer the connector uses: librdkafka's delivery reports go to [`Deliveries`].
