@@ -445,15 +445,8 @@ fn network_faults_between_connectors_and_redis() {
     .unwrap_or_else(|e| panic!("{e}\n{}", p.source_connector.log()));
 
     eprintln!("half-open target link for 10 s");
-    target_proxy.set_blackhole(true);
-    std::thread::sleep(Duration::from_secs(10));
-    target_proxy.set_blackhole(false);
-    std::thread::sleep(Duration::from_secs(2));
-
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let writes = writer.join().unwrap();
-    eprintln!("{writes} rounds of writes");
-    let recovery = p.recover(Duration::from_secs(120)).unwrap();
+    half_open(target_proxy, Duration::from_secs(10));
+    let (writes, recovery) = stop_writer_and_recover(&p, &stop, writer, Duration::from_secs(120));
     harness::pipeline::record_reliability(
         "network: 50 ms latency, 3 cuts of both Redis links, half-open source (9 s) and target (10 s) links",
         1,
@@ -759,6 +752,30 @@ fn counting_writer(
     })
 }
 
+/// Connections through `proxy` stay up but carry nothing for `period`, then 2 s to notice.
+fn half_open(proxy: &harness::proxy::FaultProxy, period: Duration) {
+    proxy.set_blackhole(true);
+    std::thread::sleep(period);
+    proxy.set_blackhole(false);
+    std::thread::sleep(Duration::from_secs(2));
+}
+
+/// Stops a [`counting_writer`] and waits for the target to equal the source: the rounds written
+/// and how the pipeline recovered.
+fn stop_writer_and_recover(
+    p: &Pipeline,
+    stop: &std::sync::atomic::AtomicBool,
+    writer: std::thread::JoinHandle<u64>,
+    timeout: Duration,
+) -> (u64, harness::pipeline::Recovery) {
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+    eprintln!("{writes} rounds of writes");
+    let recovery = p.recover(timeout).unwrap();
+    eprintln!("recovered in {:.1} s", recovery.seconds);
+    (writes, recovery)
+}
+
 /// Network faults between both connectors and Kafka: the broker advertises a fault-injecting
 /// proxy, so every Kafka connection (the source's producer and checkpoint reads, the sink's
 /// consumer and group coordination) goes through it. Added latency, every connection cut at
@@ -797,16 +814,8 @@ fn network_faults_between_connectors_and_kafka() {
     );
 
     eprintln!("half-open Kafka connections for 12 s");
-    proxy.set_blackhole(true);
-    std::thread::sleep(Duration::from_secs(12));
-    proxy.set_blackhole(false);
-    std::thread::sleep(Duration::from_secs(2));
-
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let writes = writer.join().unwrap();
-    eprintln!("{writes} rounds of writes");
-    let recovery = p.recover(Duration::from_secs(180)).unwrap();
-    eprintln!("recovered in {:.1} s", recovery.seconds);
+    half_open(proxy, Duration::from_secs(12));
+    let (writes, recovery) = stop_writer_and_recover(&p, &stop, writer, Duration::from_secs(180));
     harness::pipeline::record_reliability(
         "network: 100 ms latency, 3 cuts of every Kafka connection, 12 s half-open Kafka connections",
         1,
