@@ -155,7 +155,7 @@ fn default_compression() -> String {
     "lz4".into()
 }
 fn default_max_in_flight_bytes() -> usize {
-    64 * 1024 * 1024
+    32 * 1024 * 1024
 }
 fn default_max_message_bytes() -> usize {
     1_000_000
