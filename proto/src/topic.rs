@@ -86,6 +86,15 @@ pub fn encode(record: &v1::Record) -> Vec<u8> {
 /// Checks the header first so a foreign message on the topic gets a clear error instead of a
 /// protobuf parse that might accidentally succeed.
 pub fn decode(content_type: Option<&[u8]>, value: &[u8]) -> Result<v1::Record, DecodeError> {
+    decode_buf(content_type, value)
+}
+
+/// [`decode`] from any buffer: given `bytes::Bytes`, the record's byte fields share its memory
+/// instead of being copied one by one.
+pub fn decode_buf(
+    content_type: Option<&[u8]>,
+    value: impl bytes::Buf,
+) -> Result<v1::Record, DecodeError> {
     if content_type != Some(CONTENT_TYPE.as_bytes()) {
         return Err(DecodeError::ForeignContentType {
             found: content_type.map(|c| String::from_utf8_lossy(c).into_owned()),

@@ -309,6 +309,9 @@ pub fn commands(cfg: &Config, commands: &[v1::Command]) -> Vec<Args> {
         .iter()
         .map(|c| {
             let mut args = defer_past_expiry(c.args.clone(), now, grace);
+            if cfg.redis.rename_commands.is_empty() {
+                return args;
+            }
             if let Some(name) = args.first() {
                 let upper = String::from_utf8_lossy(name).to_ascii_uppercase();
                 if let Some(renamed) = cfg.redis.rename_commands.get(&upper) {
@@ -327,44 +330,47 @@ pub fn commands(cfg: &Config, commands: &[v1::Command]) -> Vec<Args> {
 /// within a grace period: a past expiry becomes "now + grace", and the source's own `DEL` (which
 /// Redis propagates when the key really expires) removes the key.
 pub fn defer_past_expiry(mut args: Args, now_ms: i64, grace_ms: i64) -> Args {
-    let Some(name) = args.first().map(|n| n.to_ascii_lowercase()) else {
+    // Names are compared in place: this runs for every command applied.
+    let Some(name) = args.first() else {
         return args;
     };
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    let ms_expiry = is(b"pexpireat") || is(b"hpexpireat");
+    let s_expiry = is(b"expireat") || is(b"hexpireat");
+    let hash = is(b"hexpireat");
+    // Where `SET`'s and `GETEX`'s options start.
+    let set_options_from = if is(b"set") {
+        Some(3)
+    } else if is(b"getex") {
+        Some(2)
+    } else {
+        None
+    };
     let num = |a: &Bytes| -> Option<i64> { std::str::from_utf8(a).ok()?.parse().ok() };
-    let deferred = Bytes::from((now_ms + grace_ms).to_string());
-    match name.as_slice() {
-        b"pexpireat" | b"hpexpireat"
-            if args.len() >= 3 && num(&args[2]).is_some_and(|t| t <= now_ms) =>
-        {
-            args[2] = deferred;
-        }
-        b"expireat" | b"hexpireat"
-            if args.len() >= 3
-                && num(&args[2]).is_some_and(|t| t.saturating_mul(1000) <= now_ms) =>
-        {
-            args[0] = Bytes::from(if name == b"expireat" {
-                "PEXPIREAT"
+    let deferred = || Bytes::from((now_ms + grace_ms).to_string());
+    if ms_expiry && args.len() >= 3 && num(&args[2]).is_some_and(|t| t <= now_ms) {
+        args[2] = deferred();
+    } else if s_expiry
+        && args.len() >= 3
+        && num(&args[2]).is_some_and(|t| t.saturating_mul(1000) <= now_ms)
+    {
+        args[0] = Bytes::from_static(if hash { b"HPEXPIREAT" } else { b"PEXPIREAT" });
+        args[2] = deferred();
+    } else if let Some(start) = set_options_from {
+        for i in start..args.len().saturating_sub(1) {
+            let opt = &args[i];
+            let past = if opt.eq_ignore_ascii_case(b"pxat") {
+                num(&args[i + 1]).is_some_and(|t| t <= now_ms)
+            } else if opt.eq_ignore_ascii_case(b"exat") {
+                num(&args[i + 1]).is_some_and(|t| t.saturating_mul(1000) <= now_ms)
             } else {
-                "HPEXPIREAT"
-            });
-            args[2] = deferred;
-        }
-        b"set" | b"getex" => {
-            let start = if name == b"set" { 3 } else { 2 };
-            for i in start..args.len().saturating_sub(1) {
-                let opt = args[i].to_ascii_lowercase();
-                let past = match opt.as_slice() {
-                    b"pxat" => num(&args[i + 1]).is_some_and(|t| t <= now_ms),
-                    b"exat" => num(&args[i + 1]).is_some_and(|t| t.saturating_mul(1000) <= now_ms),
-                    _ => false,
-                };
-                if past {
-                    args[i] = Bytes::from_static(b"PXAT");
-                    args[i + 1] = deferred.clone();
-                }
+                false
+            };
+            if past {
+                args[i] = Bytes::from_static(b"PXAT");
+                args[i + 1] = deferred();
             }
         }
-        _ => {}
     }
     args
 }
@@ -376,8 +382,10 @@ pub fn restore_fallback(
     args: &Args,
     restore_max_version: u32,
 ) -> Option<Result<Vec<Args>, String>> {
-    let name = args.first()?.to_ascii_lowercase();
-    if !(name == b"restore" || name == b"restore-asking") || args.len() < 4 {
+    let name = args.first()?;
+    if !(name.eq_ignore_ascii_case(b"restore") || name.eq_ignore_ascii_case(b"restore-asking"))
+        || args.len() < 4
+    {
         return None;
     }
     let p = &args[3];

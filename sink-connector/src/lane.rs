@@ -14,6 +14,7 @@
 use crate::config::{Config, Conflict, FlushPolicy, NewSnapshot, OnError};
 use crate::convert::{self, Args};
 use crate::filter::{Filter, RateLimit};
+use crate::incoming::Incoming;
 use crate::target::{self, ApplyError, Op, Target};
 use bytes::Bytes;
 use metrics::{counter, gauge, histogram};
@@ -21,7 +22,7 @@ use proto::topic::{self as wire};
 use proto::v1::{self, record::Body};
 use proto::Position;
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::Value;
 use service::http::Health;
@@ -134,7 +135,7 @@ struct Pending {
     position: Position,
     capture_ms: i64,
     ops: Vec<Op>,
-    message: OwnedMessage,
+    message: Incoming,
 }
 
 impl Lane {
@@ -422,7 +423,7 @@ impl Lane {
     }
 
     /// Processes a batch of consecutive messages of this partition.
-    pub async fn process(&mut self, messages: Vec<OwnedMessage>) -> Result<(), Stop> {
+    pub async fn process(&mut self, messages: Vec<Incoming>) -> Result<(), Stop> {
         let mut batch: Vec<Pending> = Vec::new();
         let mut last_offset = None;
         // The last heartbeat per source shard: once everything before it is applied, this lane
@@ -447,12 +448,8 @@ impl Lane {
                 self.rewinding = false;
             }
             last_offset = Some(message.offset());
-            let content_type = message.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == wire::HEADER_CONTENT_TYPE)
-                    .and_then(|h| h.value)
-            });
-            let record = match wire::decode(content_type, message.payload().unwrap_or_default()) {
+            let content_type = message.header(wire::HEADER_CONTENT_TYPE);
+            let record = match wire::decode_buf(content_type, message.payload()) {
                 Ok(r) => r,
                 Err(e) => {
                     self.flush(&mut batch).await?;
@@ -948,7 +945,7 @@ impl Lane {
     }
 
     /// A record that cannot be applied: dead-letter it or halt the lane.
-    async fn reject(&mut self, message: &OwnedMessage, what: &str) -> Result<(), Stop> {
+    async fn reject(&mut self, message: &Incoming, what: &str) -> Result<(), Stop> {
         match (&self.env.cfg.apply.on_error, &self.env.dead_letter) {
             (OnError::DeadLetter, Some(producer)) => {
                 let topic = self
@@ -958,11 +955,11 @@ impl Lane {
                     .dead_letter_topic
                     .clone()
                     .unwrap_or_default();
-                let mut headers = message
+                let headers = message
                     .headers()
-                    .map(|h| h.as_borrowed().detach())
-                    .unwrap_or_default();
-                headers = headers
+                    .fold(OwnedHeaders::new(), |headers, (key, value)| {
+                        headers.insert(rdkafka::message::Header { key, value })
+                    })
                     .insert(rdkafka::message::Header {
                         key: "redis-repl-error",
                         value: Some(what),
@@ -976,8 +973,9 @@ impl Lane {
                             message.offset()
                         )),
                     });
+                let payload = message.payload();
                 let mut record = FutureRecord::to(&topic)
-                    .payload(message.payload().unwrap_or_default())
+                    .payload(&payload[..])
                     .headers(headers);
                 if let Some(k) = message.key() {
                     record = record.key(k);
@@ -1015,7 +1013,7 @@ impl Lane {
         db: u32,
         barrier: v1::Barrier,
         capture_ms: i64,
-        message: &OwnedMessage,
+        message: &Incoming,
     ) -> Result<(), Stop> {
         let started = Instant::now();
         let partitions: Vec<i32> = barrier.partitions.iter().map(|&p| p as i32).collect();
@@ -1338,7 +1336,7 @@ impl Lane {
         &mut self,
         shard: &str,
         position: Position,
-        message: &OwnedMessage,
+        message: &Incoming,
         why: &str,
     ) -> Result<(), Stop> {
         tracing::warn!(
@@ -1444,18 +1442,18 @@ pub async fn run(
             };
             let mut messages = Vec::new();
             match first {
-                Ok(m) => messages.push(m.detach()),
+                Ok(m) => messages.push(Incoming::new(&m)),
                 Err(e) => {
                     tracing::warn!(partition = lane.partition, "Kafka: {e}");
                     continue;
                 }
             }
-            let mut bytes = messages[0].payload().map_or(0, <[u8]>::len);
+            let mut bytes = messages[0].payload().len();
             while messages.len() < batch_records && bytes < 8 << 20 {
                 match queue.recv().now_or_never() {
                     Some(Ok(m)) => {
                         bytes += m.payload().map_or(0, <[u8]>::len);
-                        messages.push(m.detach());
+                        messages.push(Incoming::new(&m));
                     }
                     _ => break,
                 }

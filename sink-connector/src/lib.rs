@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod filter;
+pub mod incoming;
 pub mod lane;
 pub mod run;
 pub mod target;
