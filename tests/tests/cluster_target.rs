@@ -290,3 +290,104 @@ fn cluster_to_cluster(source_masters: usize, target_masters: usize) {
     cluster_writes(&mut client, 3, 300);
     wait_datasets_equal(expected, actual, Duration::from_secs(120), &logs);
 }
+
+/// The target cluster changes under the sink while it applies a counting workload: slots holding
+/// workload keys migrate to another master (the sink meets `ASK`, `TRYAGAIN` and then `MOVED`),
+/// and a master fails over to its replica (`CLUSTER FAILOVER`). Every write arrives exactly once:
+/// the target ends equal to the source.
+#[test]
+fn target_resharding_and_failover_while_applying() {
+    let source = RedisServer::start(RedisConfig::default()).unwrap();
+    let target = RedisCluster::start(3, 1, target_config()).unwrap();
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let topic = random_topic("target-reshard");
+    let options = Options::default();
+    let source_connector = Connector::start(
+        Kind::Source,
+        &pipeline::source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )
+    .unwrap();
+    let sink = Connector::start(
+        Kind::Sink,
+        &pipeline::sink_config(
+            &target.nodes()[0].url(),
+            &broker.bootstrap(),
+            &topic,
+            &options,
+        ),
+        &[],
+    )
+    .unwrap();
+    let logs = [&source_connector, &sink];
+    let expected = || dataset::read(&mut [source.conn()]).unwrap();
+    let actual = || dataset::read(&mut target.master_conns()).unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = std::sync::Arc::clone(&stop);
+        let mut conn = source.conn();
+        std::thread::spawn(move || {
+            let mut rounds = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                live_writes_round(&mut conn, rounds);
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            rounds
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    // Slots of workload keys, each to a master that does not own it.
+    let masters: Vec<u16> = target.masters().iter().map(|m| m.port()).collect();
+    for key in ["c:0", "c:1", "l:0", "log", "c:7"] {
+        let slot: u16 = target.nodes()[0].cmd(&["CLUSTER", "KEYSLOT", key]).unwrap();
+        let owner = target.master_of_slot(slot).unwrap().port();
+        let to = *masters.iter().find(|&&p| p != owner).unwrap();
+        eprintln!("migrating slot {slot} ({key}) from {owner} to {to}");
+        target.migrate_slot(slot, to).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let slot: u16 = target.nodes()[0]
+        .cmd(&["CLUSTER", "KEYSLOT", "c:3"])
+        .unwrap();
+    let master = target.master_of_slot(slot).unwrap().port();
+    let replica = target.replica_of(master).unwrap().port();
+    eprintln!("failing over master {master} to its replica {replica}");
+    target.failover(replica).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rounds = writer.join().unwrap();
+    eprintln!("{rounds} rounds of writes");
+    let recovery = wait_datasets_equal(expected, actual, Duration::from_secs(120), &logs);
+    harness::pipeline::record_reliability(
+        "cluster target: 5 slot migrations and a master failover while applying",
+        6,
+        u64::from(rounds) * 3,
+        recovery,
+    );
+    let redirected = ["MOVED", "ASK", "TRYAGAIN"]
+        .iter()
+        .map(|code| {
+            sink.metric("sink_retries_total", &[("code", code)])
+                .unwrap_or(0.0)
+        })
+        .sum::<f64>();
+    assert!(
+        redirected > 0.0,
+        "the sink never met a redirection, so the test proved nothing:\n{}",
+        sink.log()
+    );
+    assert!(rounds > 300, "the workload ran ({rounds} rounds)");
+}
+
+/// One round of counters, lists and appends (keys `c:*`, `l:*`, `log`).
+fn live_writes_round(conn: &mut redis::Connection, i: u32) {
+    let item = i.to_string();
+    exec(conn, &[b"INCR", format!("c:{}", i % 10).as_bytes()]);
+    exec(
+        conn,
+        &[b"RPUSH", format!("l:{}", i % 5).as_bytes(), item.as_bytes()],
+    );
+    exec(conn, &[b"APPEND", b"log", item.as_bytes()]);
+}
