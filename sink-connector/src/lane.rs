@@ -119,6 +119,10 @@ pub struct Lane {
     expect_next: Option<i64>,
     /// A seek back to `expect_next` is under way: later messages are dropped until it lands.
     rewinding: bool,
+    /// Cluster targets: slots found holding less than this lane applied to them (their master
+    /// lost writes). The next load starts no later than this offset, the oldest of those slots'
+    /// checkpoints.
+    refill_from: Option<i64>,
     control: watch::Receiver<bool>,
     /// Per-record metrics, registered once.
     skipped_duplicates: metrics::Counter,
@@ -161,6 +165,7 @@ impl Lane {
             slot_applied: HashMap::new(),
             batch_slot: None,
             expect_next: None,
+            refill_from: None,
             rewinding: false,
             control,
         })
@@ -273,6 +278,9 @@ impl Lane {
             // Written by a version without `kafka:offset`: trust the committed offset.
             None => None,
         };
+        if let Some(from) = self.refill_from.take() {
+            self.expect_next = Some(self.expect_next.map_or(from, |e| e.min(from)));
+        }
         tracing::info!(
             partition = self.partition,
             "lane starts; the target holds positions {:?} up to partition offset {:?}",
@@ -295,13 +303,15 @@ impl Lane {
     async fn verify_target(&mut self) -> Result<(), Stop> {
         if self.target.is_cluster() {
             // Checkpoints are per slot on a cluster: reload them all and go on from the
-            // partition's checkpoint; records each slot already holds are skipped.
+            // partition's checkpoint, or from further back when a slot lost writes; records
+            // each slot already holds are skipped.
             self.target.verified();
             tracing::warn!(
                 partition = self.partition,
                 "reconnected to the cluster target {}: reloading the checkpoints it holds",
                 self.target.address()
             );
+            self.refill_from = self.lost_slots().await?;
             return Err(Stop::Rewind);
         }
         let stored = self.read_checkpoint(self.key.clone()).await?;
@@ -346,6 +356,55 @@ impl Lane {
             return Ok(());
         }
         Err(Stop::Rewind)
+    }
+
+    /// Cluster targets: the slots this lane wrote to that now hold less than it applied (a
+    /// master restarted without persistence, or a replica promoted before it had the last
+    /// writes). Returns the Kafka offset to apply them again from: after the oldest of their
+    /// checkpoints, or the partition's start for a slot whose checkpoint is gone.
+    async fn lost_slots(&mut self) -> Result<Option<i64>, Stop> {
+        let known: Vec<(u16, HashMap<String, Position>)> = self
+            .slot_applied
+            .iter()
+            .filter(|(_, held)| !held.is_empty())
+            .map(|(slot, held)| (*slot, held.clone()))
+            .collect();
+        let mut from: Option<i64> = None;
+        let mut lost = Vec::new();
+        for (slot, knew) in known {
+            let stored = self.read_checkpoint(self.slot_key(slot)).await?;
+            let held: HashMap<String, Position> = stored.positions.into_iter().collect();
+            if !knew
+                .iter()
+                .any(|(shard, p)| held.get(shard).is_none_or(|h| h < p))
+            {
+                continue;
+            }
+            let start = match stored.kafka_offset {
+                Some(offset) => offset + 1,
+                None => {
+                    let partitions = Arc::clone(&self.env.partitions);
+                    let partition = self.partition;
+                    blocking(move || partitions.low_watermark(partition))
+                        .await
+                        .map_err(|e| {
+                            self.halt(&format!(
+                                "slot {slot} of the target lost its writes and the partition's oldest offset cannot be read: {e}"
+                            ))
+                        })?
+                }
+            };
+            from = Some(from.map_or(start, |f: i64| f.min(start)));
+            lost.push(slot);
+        }
+        if let Some(offset) = from {
+            tracing::error!(
+                partition = self.partition,
+                "target {} lost writes this lane had applied to slots {lost:?} (a master restarted without persistence or a replica was promoted before it had them): applying them again from partition offset {offset}",
+                self.target.address(),
+            );
+        }
+        Ok(from)
     }
 
     /// The first message after a (re)load is past what the target holds: seek back.
@@ -477,10 +536,13 @@ impl Lane {
                 continue;
             };
             let slot = record.slot.and_then(|s| u16::try_from(s).ok());
-            if self.is_applied(&shard, position)
-                || self.slot_holds(slot, &shard, position).await?
-                || batched.get(&shard).is_some_and(|b| position <= *b)
-            {
+            // On a cluster a record of a slot is judged by that slot's checkpoint alone: the
+            // partition's may be ahead of a slot whose master lost writes.
+            let held = match slot.filter(|_| self.target.is_cluster()) {
+                Some(_) => self.slot_holds(slot, &shard, position).await?,
+                None => self.is_applied(&shard, position),
+            };
+            if held || batched.get(&shard).is_some_and(|b| position <= *b) {
                 self.skipped_duplicates.increment(1);
                 tracing::trace!(
                     partition = self.partition,

@@ -391,3 +391,90 @@ fn live_writes_round(conn: &mut redis::Connection, i: u32) {
     );
     exec(conn, &[b"APPEND", b"log", item.as_bytes()]);
 }
+
+/// A cluster target master loses what the sink applied to it (it restarts without persistence,
+/// keeping its slots, as a replica promoted while behind would) while the sink applies a counting
+/// workload; the partitions' checkpoints live on other masters and still say "applied". The
+/// sink notices the lost slots by their own checkpoints when it reconnects, goes back on the
+/// topic to the oldest of them, and applies again only what those slots lost: the target ends
+/// equal to the source, nothing applied twice elsewhere.
+#[test]
+fn target_master_losing_its_writes_is_refilled_from_the_topic() {
+    let source = RedisServer::start(RedisConfig::default()).unwrap();
+    let mut target = RedisCluster::start(3, 0, target_config()).unwrap();
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let topic = random_topic("target-loss");
+    let options = Options::default();
+    let source_connector = Connector::start(
+        Kind::Source,
+        &pipeline::source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )
+    .unwrap();
+    let sink = Connector::start(
+        Kind::Sink,
+        &pipeline::sink_config(
+            &target.nodes()[0].url(),
+            &broker.bootstrap(),
+            &topic,
+            &options,
+        ),
+        &[],
+    )
+    .unwrap();
+    let mut conn = source.conn();
+    for i in 0..600 {
+        live_writes_round(&mut conn, i);
+    }
+    {
+        let expected = || dataset::read(&mut [source.conn()]).unwrap();
+        let actual = || dataset::read(&mut target.master_conns()).unwrap();
+        wait_datasets_equal(
+            expected,
+            actual,
+            Duration::from_secs(60),
+            &[&source_connector, &sink],
+        );
+    }
+    let slot: u16 = target.nodes()[0]
+        .cmd(&["CLUSTER", "KEYSLOT", "c:0"])
+        .unwrap();
+    let port = target.master_of_slot(slot).unwrap().port();
+    let node = target
+        .nodes_mut()
+        .iter_mut()
+        .find(|n| n.port() == port)
+        .unwrap();
+    eprintln!("restarting master {port} without its data");
+    node.kill9();
+    node.restart().unwrap();
+    target.wait_stable().unwrap();
+    let keys: usize = target
+        .node(port)
+        .unwrap()
+        .cmd::<usize>(&["DBSIZE"])
+        .unwrap();
+    assert_eq!(keys, 0, "the master came back empty");
+    for i in 600..900 {
+        live_writes_round(&mut conn, i);
+    }
+    let expected = || dataset::read(&mut [source.conn()]).unwrap();
+    let actual = || dataset::read(&mut target.master_conns()).unwrap();
+    let recovery = wait_datasets_equal(
+        expected,
+        actual,
+        Duration::from_secs(120),
+        &[&source_connector, &sink],
+    );
+    harness::pipeline::record_reliability(
+        "cluster target: a master restarts empty (lost everything the sink applied to it)",
+        1,
+        900 * 3,
+        recovery,
+    );
+    assert!(
+        sink.metric("sink_rewinds_total", &[]).unwrap_or(0.0) > 0.0,
+        "the sink did not go back on the topic:\n{}",
+        sink.log()
+    );
+}
