@@ -198,7 +198,10 @@ fn check_kafka(config: &Config, info: Option<&str>, report: &mut Report) {
             report.fail(format!("kafka: {e}"));
             return;
         }
-        Ok(Some(n)) if n == wanted => report.ok(format!("kafka: topic {topic} has {n} partitions")),
+        Ok(Some(n)) if n == wanted => {
+            report.ok(format!("kafka: topic {topic} has {n} partitions"));
+            check_message_size(config, &client, report);
+        }
         Ok(Some(n)) => report.fail(format!(
             "kafka: topic {topic} has {n} partitions but kafka.partitions is {wanted}; the connector refuses to start"
         )),
@@ -238,6 +241,53 @@ fn check_kafka(config: &Config, info: Option<&str>, report: &mut Report) {
             }
         }
     }
+}
+
+/// The topic must accept the largest record the connector may write
+/// (`kafka.max_message_bytes`): a smaller `max.message.bytes` would stop it at the first big one.
+fn check_message_size(config: &Config, client: &rdkafka::ClientConfig, report: &mut Report) {
+    let topic = &config.kafka.topic;
+    let wanted = config.kafka.max_message_bytes;
+    match topic_max_message_bytes(client, topic) {
+        Ok(Some(n)) if n >= wanted => report.ok(format!(
+            "kafka: topic {topic} accepts records up to {n} bytes (max.message.bytes), kafka.max_message_bytes is {wanted}"
+        )),
+        Ok(Some(n)) => report.fail(format!(
+            "kafka: topic {topic} accepts records up to {n} bytes (max.message.bytes) but kafka.max_message_bytes is {wanted}: a record between the two would stop the connector; lower kafka.max_message_bytes (and snapshot.piece_bytes) or raise the topic's max.message.bytes"
+        )),
+        Ok(None) => report.warn(format!(
+            "kafka: the broker does not report topic {topic}'s max.message.bytes; make sure it is at least kafka.max_message_bytes = {wanted}"
+        )),
+        Err(e) => report.warn(format!(
+            "kafka: cannot read topic {topic}'s max.message.bytes ({e}); make sure it is at least kafka.max_message_bytes = {wanted}"
+        )),
+    }
+}
+
+/// The topic's `max.message.bytes` as the broker describes it (`None`: not reported).
+fn topic_max_message_bytes(
+    client: &rdkafka::ClientConfig,
+    topic: &str,
+) -> anyhow::Result<Option<usize>> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = client.create()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let results = runtime.block_on(admin.describe_configs(
+        &[ResourceSpecifier::Topic(topic)],
+        &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+    ))?;
+    for result in results {
+        let resource = result.map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(value) = resource
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_ref())
+        {
+            return Ok(value.parse().ok());
+        }
+    }
+    Ok(None)
 }
 
 /// Whether `PSYNC` from the checkpoint would continue, by the source's replication info.

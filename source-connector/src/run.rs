@@ -22,7 +22,7 @@ pub async fn prepare_topic(
     partitions: u32,
     create: bool,
     replication: i32,
-    compact: bool,
+    topic_config: &[(&str, &str)],
 ) -> anyhow::Result<()> {
     let current = partition_count(client, topic)?;
     match current {
@@ -38,8 +38,8 @@ pub async fn prepare_topic(
                 .create()
                 .map_err(|e| anyhow::anyhow!("cannot create a Kafka admin client: {e}"))?;
             let mut new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(replication));
-            if compact {
-                new = new.set("cleanup.policy", "compact");
+            for (k, v) in topic_config {
+                new = new.set(k, v);
             }
             let results = admin
                 .create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
@@ -103,7 +103,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         config.kafka.partitions,
         config.kafka.create_topic,
         config.kafka.replication_factor,
-        false,
+        // The topic accepts the largest record the connector is configured to write.
+        &[(
+            "max.message.bytes",
+            &config.kafka.max_message_bytes.to_string(),
+        )],
     )
     .await?;
     prepare_topic(
@@ -112,7 +116,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         1,
         config.kafka.create_topic,
         config.kafka.replication_factor,
-        true,
+        &[("cleanup.policy", "compact")],
     )
     .await?;
     // Fail early on bad Kafka settings; each session then gets a fresh producer, so a producer

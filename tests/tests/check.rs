@@ -1,6 +1,6 @@
 //! The connectors' `check` commands against real processes: green on a healthy pipeline, and a
 //! `FAIL` line that names the problem (with a non-zero exit) for a wrong password, an evicting
-//! target, a replica as target and a wrong partition count.
+//! target, a replica as target, a wrong partition count and records bigger than the topic takes.
 
 use harness::connector::{binary, Kind};
 use harness::pipeline::{Options, Pipeline};
@@ -65,6 +65,21 @@ fn checks_pass_on_a_running_pipeline_and_name_what_is_wrong() {
         "the checkpoint covers the stream: {out}"
     );
     assert!(out.contains("has 4 partitions"), "{out}");
+    // The connector created the topic for the records it is configured to write.
+    assert!(out.contains("accepts records up to 1000000 bytes"), "{out}");
+    // Configured for bigger records than the topic takes.
+    let (ok, out) = check(
+        Kind::Source,
+        &source_cfg,
+        &[("SOURCE_KAFKA__MAX_MESSAGE_BYTES", "2000000")],
+    );
+    assert!(!ok, "{out}");
+    let fails = fail_lines(&out);
+    assert_eq!(fails.len(), 1, "{out}");
+    assert!(
+        fails[0].contains("max.message.bytes") && fails[0].contains("2000000"),
+        "{out}"
+    );
     let (ok, out) = check(Kind::Sink, &sink_cfg, &[]);
     assert!(ok, "{out}");
     assert!(out.contains("maxmemory-policy noeviction"), "{out}");
