@@ -35,6 +35,52 @@ fn id(i: Option<&v1::StreamId>) -> Bytes {
     Bytes::from(format!("{}-{}", i.ms, i.seq))
 }
 
+fn id_key(i: Option<&v1::StreamId>) -> (u64, u64) {
+    i.map_or((0, 0), |i| (i.ms, i.seq))
+}
+
+/// The ids that pending entries of `s`'s groups refer to but that are no longer in the stream
+/// (deleted by `XDEL` or trimmed since they were delivered), sorted. Redis keeps such pending
+/// entries, but `XCLAIM` ignores ids that are not in the stream, so they are added as placeholder
+/// entries in id order, claimed, and deleted again (`XSETID` restores the counters). In a later
+/// piece of a chunked stream an id below the piece's first entry can no longer be added (`XADD`
+/// only appends): if that message was deleted, its pending entry is lost, and a warning says so.
+fn deleted_pending(key: &Bytes, s: &v1::StreamValue, first: bool) -> Vec<(u64, u64)> {
+    let present: std::collections::HashSet<(u64, u64)> =
+        s.entries.iter().map(|e| id_key(e.id.as_ref())).collect();
+    let mut ids: Vec<(u64, u64)> = s
+        .groups
+        .iter()
+        .flat_map(|g| g.pending.iter().map(|p| id_key(p.id.as_ref())))
+        .filter(|i| !present.contains(i))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let floor = (!first).then(|| s.entries.first().map(|e| id_key(e.id.as_ref())));
+    let (placeable, lost): (Vec<_>, Vec<_>) = ids
+        .into_iter()
+        .partition(|i| floor.is_none_or(|f| f.is_some_and(|f| *i > f)));
+    if !lost.is_empty() {
+        tracing::warn!(
+            "stream {}: {} pending entries refer to messages before this piece of the value ({:?}…); those of them that were deleted cannot be recreated with commands",
+            String::from_utf8_lossy(key),
+            lost.len(),
+            lost[0]
+        );
+    }
+    placeable
+}
+
+fn placeholder(key: &Bytes, (ms, seq): (u64, u64)) -> Args {
+    vec![
+        b("XADD"),
+        key.clone(),
+        Bytes::from(format!("{ms}-{seq}")),
+        b("redis-repl"),
+        b("deleted"),
+    ]
+}
+
 /// Rebuilds (part of) a value with type commands.
 pub fn rebuild(
     key: &Bytes,
@@ -102,30 +148,39 @@ pub fn rebuild(
             }
         }
         Some(Kind::Stream(s)) => {
+            let placeholders = deleted_pending(key, s, first);
+            let mut pending_placeholders = placeholders.iter().peekable();
             for e in &s.entries {
+                let at = id_key(e.id.as_ref());
+                while let Some(p) = pending_placeholders.next_if(|p| **p < at) {
+                    out.push(placeholder(key, *p));
+                }
                 let mut a = vec![b("XADD"), key.clone(), id(e.id.as_ref())];
                 a.extend(e.fields.iter().cloned());
                 out.push(a);
             }
-            if let Some(last_id) = &s.last_id {
-                if first && s.entries.is_empty() {
-                    // An empty stream: a group created with MKSTREAM, then dropped, leaves one
-                    // with no entries, no deleted ids and last id 0-0.
-                    out.push(vec![
-                        b("XGROUP"),
-                        b("CREATE"),
-                        key.clone(),
-                        b("redis-repl-tmp"),
-                        b("$"),
-                        b("MKSTREAM"),
-                    ]);
-                    out.push(vec![
-                        b("XGROUP"),
-                        b("DESTROY"),
-                        key.clone(),
-                        b("redis-repl-tmp"),
-                    ]);
-                }
+            for p in pending_placeholders {
+                out.push(placeholder(key, *p));
+            }
+            if s.last_id.is_some() && first && s.entries.is_empty() {
+                // An empty stream: a group created with MKSTREAM, then dropped, leaves one
+                // with no entries, no deleted ids and last id 0-0.
+                out.push(vec![
+                    b("XGROUP"),
+                    b("CREATE"),
+                    key.clone(),
+                    b("redis-repl-tmp"),
+                    b("$"),
+                    b("MKSTREAM"),
+                ]);
+                out.push(vec![
+                    b("XGROUP"),
+                    b("DESTROY"),
+                    key.clone(),
+                    b("redis-repl-tmp"),
+                ]);
+            }
+            let setid = s.last_id.as_ref().map(|last_id| {
                 let mut a = vec![b("XSETID"), key.clone(), id(Some(last_id))];
                 if let Some(n) = s.entries_added {
                     a.push(b("ENTRIESADDED"));
@@ -133,8 +188,9 @@ pub fn rebuild(
                     a.push(b("MAXDELETEDID"));
                     a.push(id(s.max_deleted_id.as_ref()));
                 }
-                out.push(a);
-            }
+                a
+            });
+            out.extend(setid.clone());
             for g in &s.groups {
                 let mut a = vec![
                     b("XGROUP"),
@@ -173,6 +229,17 @@ pub fn rebuild(
                         b("JUSTID"),
                     ]);
                 }
+            }
+            if !placeholders.is_empty() {
+                let mut a = vec![b("XDEL"), key.clone()];
+                a.extend(
+                    placeholders
+                        .iter()
+                        .map(|&(ms, seq)| Bytes::from(format!("{ms}-{seq}"))),
+                );
+                out.push(a);
+                // The placeholders' deletion moved the counters: set them again.
+                out.extend(setid);
             }
         }
         Some(Kind::Dump(_)) => {}
@@ -466,6 +533,75 @@ pub fn rdb_version_for(server: &str, version: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pending entry whose message was deleted: added as a placeholder in id order, claimed,
+    /// deleted again, and the counters set again afterwards. In a later piece of a chunked
+    /// stream, one below the piece's first entry cannot be added.
+    #[test]
+    fn pending_entries_of_deleted_messages_are_recreated() {
+        let sid = |ms, seq| Some(v1::StreamId { ms, seq });
+        let entry = |ms| v1::StreamEntry {
+            id: sid(ms, 0),
+            fields: vec![b("f"), b("v")],
+        };
+        let pending = |ms, seq| v1::StreamPendingEntry {
+            id: sid(ms, seq),
+            consumer: b("bob"),
+            delivery_time_ms: 7,
+            delivery_count: 1,
+        };
+        let stream = v1::StreamValue {
+            entries: vec![entry(1), entry(3)],
+            length: 2,
+            last_id: sid(3, 0),
+            entries_added: Some(4),
+            max_deleted_id: sid(2, 5),
+            groups: vec![v1::StreamGroup {
+                name: b("g"),
+                last_delivered_id: sid(3, 0),
+                entries_read: Some(4),
+                pending: vec![pending(1, 0), pending(2, 5)],
+                consumers: vec![],
+            }],
+        };
+        let value = v1::Value {
+            kind: Some(Kind::Stream(stream.clone())),
+        };
+        let key = b("s");
+        let cmds: Vec<String> = rebuild(&key, Some(&value), true, None, true, 100)
+            .iter()
+            .map(|a| {
+                a.iter()
+                    .map(|x| String::from_utf8_lossy(x).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        let at = |prefix: &str| {
+            cmds.iter()
+                .position(|c| c.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {cmds:#?}"))
+        };
+        assert!(at("XADD s 1-0") < at("XADD s 2-5 redis-repl deleted"));
+        assert!(at("XADD s 2-5") < at("XADD s 3-0"));
+        assert!(at("XCLAIM s g bob 0 2-5") < at("XDEL s 2-5"));
+        let setids: Vec<usize> = (0..cmds.len())
+            .filter(|&i| cmds[i].starts_with("XSETID s 3-0 ENTRIESADDED 4 MAXDELETEDID 2-5"))
+            .collect();
+        assert_eq!(setids.len(), 2, "{cmds:#?}");
+        assert!(setids[1] > at("XDEL s 2-5"));
+
+        // The last piece of a chunked stream holding only 3-0: 2-5 cannot be appended.
+        let mut last_piece = stream;
+        last_piece.entries.remove(0);
+        let value = v1::Value {
+            kind: Some(Kind::Stream(last_piece)),
+        };
+        let later = rebuild(&key, Some(&value), false, None, true, 100);
+        assert!(!later
+            .iter()
+            .any(|a| a[0] == "XDEL" || a.ends_with(&[b("deleted")])));
+    }
 
     #[test]
     fn past_expiries_are_deferred() {
