@@ -267,6 +267,79 @@ impl RedisCluster {
 }
 
 impl RedisCluster {
+    /// Moves every slot of the master on `from_port` to the master on `to_port`, leaving the
+    /// first without slots: slots holding keys with [`migrate_slot`](Self::migrate_slot), empty
+    /// ones by assignment alone.
+    pub fn move_all_slots(&self, from_port: u16, to_port: u16) -> anyhow::Result<()> {
+        let node = |port: u16| {
+            self.node(port)
+                .ok_or_else(|| anyhow::anyhow!("no node on port {port}"))
+        };
+        let (from, to) = (node(from_port)?, node(to_port)?);
+        let to_id: String = to.cmd(&["CLUSTER", "MYID"])?;
+        let mut owned = Vec::new();
+        for range in from.cmd::<Vec<redis::Value>>(&["CLUSTER", "SLOTS"])? {
+            let redis::Value::Array(r) = range else {
+                continue;
+            };
+            let int = |v: Option<&redis::Value>| match v {
+                Some(redis::Value::Int(i)) => Some(*i),
+                _ => None,
+            };
+            let port = match r.get(2) {
+                Some(redis::Value::Array(n)) => int(n.get(1)),
+                _ => None,
+            };
+            if let (Some(a), Some(b), Some(p)) = (int(r.first()), int(r.get(1)), port) {
+                if p == i64::from(from_port) {
+                    owned.extend(a as u16..=b as u16);
+                }
+            }
+        }
+        let mut empty = Vec::new();
+        for slot in owned {
+            let keys: i64 = from.cmd(&["CLUSTER", "COUNTKEYSINSLOT", &slot.to_string()])?;
+            if keys > 0 {
+                self.migrate_slot(slot, to_port)?;
+            } else {
+                empty.push(slot);
+            }
+        }
+        // The new owner first, as `redis-cli --cluster reshard` does.
+        let mut masters = self.masters();
+        masters.sort_by_key(|m| m.port() != to_port);
+        for m in masters {
+            let mut pipe = redis::pipe();
+            for slot in &empty {
+                pipe.cmd("CLUSTER")
+                    .arg("SETSLOT")
+                    .arg(*slot)
+                    .arg("NODE")
+                    .arg(&to_id)
+                    .ignore();
+            }
+            pipe.query::<()>(&mut m.conn())?;
+        }
+        let from_id: String = from.cmd(&["CLUSTER", "MYID"])?;
+        wait_for(
+            "every node to see the emptied master without slots",
+            Duration::from_secs(30),
+            || {
+                self.nodes
+                    .iter()
+                    .all(|n| {
+                        let nodes: String = n.cmd(&["CLUSTER", "NODES"]).unwrap_or_default();
+                        nodes
+                            .lines()
+                            .find(|l| l.starts_with(&from_id))
+                            .is_some_and(|l| l.split(' ').count() <= 8)
+                    })
+                    .then_some(())
+            },
+        )?;
+        self.wait_stable()
+    }
+
     /// Connections to the masters, for reading the whole dataset (`dataset::read`).
     pub fn master_conns(&self) -> Vec<redis::Connection> {
         self.masters().into_iter().map(|m| m.conn()).collect()

@@ -9,6 +9,7 @@
 use crate::config::Endpoint;
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// A master of the cluster as `CLUSTER NODES` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,12 +224,104 @@ pub struct Migrations {
 struct MigrationsInner {
     owner: std::collections::HashMap<bytes::Bytes, String>,
     order: std::collections::VecDeque<bytes::Bytes>,
+    /// Recent deletes: key → (shard, replication offset after the delete).
+    deleted: std::collections::HashMap<bytes::Bytes, (String, u64)>,
+    deleted_order: std::collections::VecDeque<bytes::Bytes>,
+    /// What Kafka acknowledged, per shard (the running session's).
+    acked: std::collections::HashMap<String, watch::Receiver<Option<crate::records::Mark>>>,
 }
 
 /// Most imported keys remembered.
 const MIGRATIONS_REMEMBERED: usize = 1_000_000;
+/// Most recent deletes remembered for ordering imports after them.
+const DELETES_REMEMBERED: usize = 100_000;
+/// Longest an import waits for another shard's delete of the same key to be acknowledged.
+const IMPORT_WAIT: Duration = Duration::from_secs(10);
 
 impl Migrations {
+    /// Where a shard's acknowledged position can be watched (each new session registers).
+    pub fn register_acked(
+        &self,
+        shard: &str,
+        acked: watch::Receiver<Option<crate::records::Mark>>,
+    ) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.acked.insert(shard.to_owned(), acked);
+        }
+    }
+
+    /// The other half of the rule: when the old owner's `DEL` was read *before* the new owner's
+    /// `RESTORE-ASKING`, the delete is published (it may be a client's), and the import must
+    /// reach the topic after it. Each shard has its own producer, so that order is only certain
+    /// once Kafka acknowledged the delete: `RESTORE-ASKING` of a key another shard deleted
+    /// recently waits for that (`order` says what to wait for; `wait_published` waits).
+    pub fn order(
+        &self,
+        shard: &str,
+        args: &[bytes::Bytes],
+        end_offset: u64,
+    ) -> Option<(String, u64)> {
+        let name = args.first()?;
+        let import = name.eq_ignore_ascii_case(b"restore-asking");
+        let delete = name.eq_ignore_ascii_case(b"del") || name.eq_ignore_ascii_case(b"unlink");
+        if !import && !delete {
+            return None;
+        }
+        let mut inner = self.inner.lock().ok()?;
+        if import {
+            let key = args.get(1)?;
+            return match inner.deleted.get(key) {
+                Some((by, _)) if by != shard => inner.deleted.remove(key),
+                _ => None,
+            };
+        }
+        for key in &args[1..] {
+            if inner
+                .deleted
+                .insert(key.clone(), (shard.to_owned(), end_offset))
+                .is_none()
+            {
+                inner.deleted_order.push_back(key.clone());
+                if inner.deleted_order.len() > DELETES_REMEMBERED {
+                    if let Some(old) = inner.deleted_order.pop_front() {
+                        inner.deleted.remove(&old);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until `other` shard's publication up to `offset` is acknowledged by Kafka (at most
+    /// `IMPORT_WAIT`; a shard that is gone or restarting is not waited for).
+    pub async fn wait_published(&self, shard: &str, other: &str, offset: u64) {
+        let acked = self
+            .inner
+            .lock()
+            .ok()
+            .and_then(|inner| inner.acked.get(other).cloned());
+        let Some(mut acked) = acked else { return };
+        let started = std::time::Instant::now();
+        let done = tokio::time::timeout(
+            IMPORT_WAIT,
+            acked.wait_for(|m| m.is_some_and(|m| m.offset >= offset)),
+        )
+        .await;
+        metrics::counter!("source_migration_import_waits_total", "shard" => shard.to_owned())
+            .increment(1);
+        match done {
+            Ok(_) => tracing::debug!(
+                shard,
+                "an imported key waited {:?} for shard {other}'s delete of it to reach Kafka",
+                started.elapsed()
+            ),
+            Err(_) => tracing::warn!(
+                shard,
+                "an imported key waited {IMPORT_WAIT:?} for shard {other}'s delete of it (offset {offset}) to reach Kafka; publishing it anyway"
+            ),
+        }
+    }
+
     /// Applies the rule to one command of `shard`'s stream: records imports, and returns the
     /// command without the keys it must not delete (`None`: nothing left to publish).
     pub fn filter(&self, shard: &str, args: Vec<bytes::Bytes>) -> Option<Vec<bytes::Bytes>> {
@@ -284,6 +377,45 @@ mod tests {
             .iter()
             .map(|w| bytes::Bytes::copy_from_slice(w.as_bytes()))
             .collect()
+    }
+
+    /// The old owner's `DEL` read first: the new owner's import of that key waits until the
+    /// delete is acknowledged by Kafka, so the two reach the topic in that order.
+    #[tokio::test]
+    async fn an_import_after_another_shards_delete_waits_for_it() {
+        let m = std::sync::Arc::new(Migrations::default());
+        let (tx, rx) = watch::channel(None);
+        m.register_acked("b", rx);
+        assert_eq!(m.order("b", &args(&["DEL", "k", "j"]), 100), None);
+        assert_eq!(
+            m.order("b", &args(&["RESTORE-ASKING", "k", "0", "x"]), 110),
+            None
+        );
+        let wait = m.order("a", &args(&["RESTORE-ASKING", "k", "0", "x"]), 7);
+        assert_eq!(wait, Some(("b".to_owned(), 100)));
+        assert_eq!(
+            m.order("a", &args(&["RESTORE-ASKING", "k", "0", "x"]), 8),
+            None
+        );
+        let acked = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mark = |offset| {
+                Some(crate::records::Mark {
+                    offset,
+                    snapshot_done: true,
+                })
+            };
+            tx.send(mark(99)).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(mark(100)).unwrap();
+            tx
+        });
+        let started = std::time::Instant::now();
+        m.wait_published("a", "b", 100).await;
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        drop(acked.await);
+        // Nobody registered as "c": nothing to wait for.
+        m.wait_published("a", "c", 1).await;
     }
 
     #[test]

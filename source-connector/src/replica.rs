@@ -619,6 +619,9 @@ async fn stream(
 
     // ACKs go out from their own task so they continue while publishing waits on Kafka.
     let acked = publisher.acked();
+    if let Some(migrations) = &shared.migrations {
+        migrations.register_acked(&shard, acked.clone());
+    }
     let (getack_tx, getack_rx) = mpsc::channel::<()>(16);
     let (writer_dead_tx, mut writer_dead) = mpsc::channel::<String>(1);
     let ack_floor = start_offset;
@@ -659,6 +662,11 @@ async fn stream(
             }
             let cmd = match (&shared.migrations, cmd.kind) {
                 (Some(migrations), resp::Kind::Write) => {
+                    if let Some((other, offset)) =
+                        migrations.order(&shard, &cmd.args, cmd.end_offset)
+                    {
+                        migrations.wait_published(&shard, &other, offset).await;
+                    }
                     match migrations.filter(&shard, cmd.args) {
                         Some(args) => resp::Command { args, ..cmd },
                         // Nothing left to publish; the offset still advances.

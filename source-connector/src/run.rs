@@ -246,8 +246,20 @@ async fn run_cluster(
         };
         let endpoint = cluster::at(&seed, &master.host, master.port);
         let loaded = existing.get(&shard).cloned();
+        // The shard stops with the process, or alone when the watcher retires it.
+        let (stop, stopped) = watch::channel(false);
+        let mut process_stops = ctx.shutdown.clone();
+        let forward = stop.clone();
+        tokio::spawn(async move {
+            if process_stops.wait_for(|stop| *stop).await.is_ok() {
+                let _ = forward.send(true);
+            }
+        });
         tasks.spawn(shard_loop(
-            ctx.clone(),
+            ShardContext {
+                shutdown: stopped,
+                ..ctx.clone()
+            },
             shard.clone(),
             endpoint,
             loaded,
@@ -259,6 +271,8 @@ async fn run_cluster(
             relink: tx,
             scope: scope_tx,
             master: master.id.clone(),
+            stop,
+            absent: 0,
         });
     };
     for m in &masters {
@@ -328,8 +342,31 @@ async fn run_cluster(
                 }
             }
         }
+        // A shard none of whose nodes is a master with slots any more (its slots all moved to
+        // other shards, or its nodes left the cluster) has nothing left to replicate: after a
+        // few refreshes (a failover or a reshard in progress looks the same for a moment) its
+        // link stops with a final checkpoint. Should its nodes serve slots again, it comes back
+        // as a new shard under its old name.
+        shards.retain_mut(|w| {
+            if masters.iter().any(|m| w.members.contains(&m.id)) {
+                w.absent = 0;
+                return true;
+            }
+            w.absent += 1;
+            if w.absent < RETIRE_AFTER_REFRESHES {
+                return true;
+            }
+            tracing::info!(shard = %w.shard, "none of the shard's nodes ({}) is a master with slots any more (its slots moved to other shards, or it left the cluster): stopping its link after a final checkpoint", w.members.join(", "));
+            gauge!("source_cluster_shards").decrement(1.0);
+            counter!("source_cluster_shards_retired_total").increment(1);
+            let _ = w.stop.send(true);
+            false
+        });
     }
 }
+
+/// Topology refreshes in a row without a master with slots before a shard's link stops.
+const RETIRE_AFTER_REFRESHES: u32 = 3;
 
 /// The name of the shard `master` leads: the one its checkpoint was saved under when one of its
 /// nodes belonged to a shard before (so a restart after slots moved keeps the history), else
@@ -372,6 +409,10 @@ struct Watched {
     scope: watch::Sender<Vec<(u16, u16)>>,
     /// Node id of its master.
     master: String,
+    /// Stops this shard's loop alone.
+    stop: watch::Sender<bool>,
+    /// Refreshes in a row in which none of its nodes was a master with slots.
+    absent: u32,
 }
 
 fn node_endpoints(seed: &Endpoint, masters: &[cluster::Master]) -> Vec<Endpoint> {

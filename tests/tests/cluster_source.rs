@@ -166,3 +166,58 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
         assert_eq!(metric("source_partial_syncs_total"), 1.0, "{shard}");
     }
 }
+
+/// A source master whose slots all move to another master (as when a node is drained before it
+/// is removed): its shard's link stops after a final checkpoint instead of idling (or retrying
+/// a departed node) forever, and the writes that now land on the other shards still arrive.
+#[test]
+fn a_shard_whose_slots_all_moved_is_retired() {
+    let cluster = RedisCluster::start(3, 0, RedisConfig::default()).unwrap();
+    let target =
+        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
+    let mut client = cluster.client();
+    cluster_writes(&mut client, 1, 500);
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let topic = random_topic("cluster-drain");
+    let options = Options::default();
+    let source = Connector::start(
+        Kind::Source,
+        &pipeline::source_config(
+            &cluster.nodes()[0].url(),
+            &broker.bootstrap(),
+            &topic,
+            &options,
+        )
+        .replace("[redis]\n", "[redis]\ncluster_refresh_s = 1\n"),
+        &[],
+    )
+    .unwrap();
+    let sink = Connector::start(
+        Kind::Sink,
+        &pipeline::sink_config(&target.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )
+    .unwrap();
+    wait_equal(&cluster, &target, &[&source, &sink]);
+    assert_eq!(source.metric("source_cluster_shards", &[]), Some(3.0));
+
+    let masters: Vec<u16> = cluster.masters().iter().map(|m| m.port()).collect();
+    cluster.move_all_slots(masters[2], masters[0]).unwrap();
+    cluster_writes(&mut client, 2, 500);
+    harness::wait_for(
+        "the drained shard to retire",
+        Duration::from_secs(30),
+        || (source.metric("source_cluster_shards_retired_total", &[])? == 1.0).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", source.log()));
+    assert_eq!(source.metric("source_cluster_shards", &[]), Some(2.0));
+    assert!(
+        source
+            .log()
+            .contains("stopping its link after a final checkpoint"),
+        "{}",
+        source.log()
+    );
+    cluster_writes(&mut client, 3, 500);
+    wait_equal(&cluster, &target, &[&source, &sink]);
+}
