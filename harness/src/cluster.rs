@@ -185,21 +185,9 @@ impl RedisCluster {
         }
         promoted?;
         let id: String = node.cmd(&["CLUSTER", "MYID"])?;
-        wait_for(
-            "every node to see the promoted master",
-            Duration::from_secs(30),
-            || {
-                self.nodes
-                    .iter()
-                    .all(|n| {
-                        let nodes: String = n.cmd(&["CLUSTER", "NODES"]).unwrap_or_default();
-                        nodes
-                            .lines()
-                            .any(|l| l.starts_with(&id) && l.contains("master"))
-                    })
-                    .then_some(())
-            },
-        )?;
+        self.wait_all_see("every node to see the promoted master", &id, |l| {
+            l.contains("master")
+        })?;
         self.wait_stable()
     }
 
@@ -321,23 +309,26 @@ impl RedisCluster {
             pipe.query::<()>(&mut m.conn())?;
         }
         let from_id: String = from.cmd(&["CLUSTER", "MYID"])?;
-        wait_for(
+        // A `CLUSTER NODES` line has 8 fields before its slot ranges.
+        self.wait_all_see(
             "every node to see the emptied master without slots",
-            Duration::from_secs(30),
-            || {
-                self.nodes
-                    .iter()
-                    .all(|n| {
-                        let nodes: String = n.cmd(&["CLUSTER", "NODES"]).unwrap_or_default();
-                        nodes
-                            .lines()
-                            .find(|l| l.starts_with(&from_id))
-                            .is_some_and(|l| l.split(' ').count() <= 8)
-                    })
-                    .then_some(())
-            },
+            &from_id,
+            |l| l.split(' ').count() <= 8,
         )?;
         self.wait_stable()
+    }
+
+    /// Waits until every node's `CLUSTER NODES` has a line for node `id` that satisfies `ok`.
+    fn wait_all_see(&self, what: &str, id: &str, ok: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+        wait_for(what, Duration::from_secs(30), || {
+            self.nodes
+                .iter()
+                .all(|n| {
+                    let nodes: String = n.cmd(&["CLUSTER", "NODES"]).unwrap_or_default();
+                    nodes.lines().any(|l| l.starts_with(id) && ok(l))
+                })
+                .then_some(())
+        })
     }
 
     /// Connections to the masters, for reading the whole dataset (`dataset::read`).

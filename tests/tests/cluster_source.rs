@@ -25,22 +25,15 @@ fn wait_equal(
     )
 }
 
-#[test]
-fn cluster_source_to_standalone_target_through_failover_and_flush() {
-    let cluster = RedisCluster::start(3, 1, RedisConfig::default()).unwrap();
-    let target =
-        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
-    let mut client = cluster.client();
-    cluster_writes(&mut client, 1, 1500);
-
+/// A broker, the source connector seeded with `seed` (topology reread every second) and the
+/// sink into `target`.
+fn connectors(seed: &str, target: &RedisServer) -> (Broker, Connector, Connector) {
     let broker = Broker::start(Storage::Memory).unwrap();
     let topic = random_topic("cluster-source");
     let options = Options::default();
-    // Any node will do: the connector finds the masters. A replica is the hardest case.
-    let seed = cluster.replicas()[0].url();
     let source = Connector::start(
         Kind::Source,
-        &pipeline::source_config(&seed, &broker.bootstrap(), &topic, &options)
+        &pipeline::source_config(seed, &broker.bootstrap(), &topic, &options)
             .replace("[redis]\n", "[redis]\ncluster_refresh_s = 1\n"),
         &[],
     )
@@ -51,6 +44,19 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
         &[],
     )
     .unwrap();
+    (broker, source, sink)
+}
+
+#[test]
+fn cluster_source_to_standalone_target_through_failover_and_flush() {
+    let cluster = RedisCluster::start(3, 1, RedisConfig::default()).unwrap();
+    let target =
+        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
+    let mut client = cluster.client();
+    cluster_writes(&mut client, 1, 1500);
+
+    // Any node will do: the connector finds the masters. A replica is the hardest case.
+    let (_broker, source, sink) = connectors(&cluster.replicas()[0].url(), &target);
     wait_equal(&cluster, &target, &[&source, &sink]);
     cluster_writes(&mut client, 2, 1500);
     wait_equal(&cluster, &target, &[&source, &sink]);
@@ -177,27 +183,7 @@ fn a_shard_whose_slots_all_moved_is_retired() {
         RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
     let mut client = cluster.client();
     cluster_writes(&mut client, 1, 500);
-    let broker = Broker::start(Storage::Memory).unwrap();
-    let topic = random_topic("cluster-drain");
-    let options = Options::default();
-    let source = Connector::start(
-        Kind::Source,
-        &pipeline::source_config(
-            &cluster.nodes()[0].url(),
-            &broker.bootstrap(),
-            &topic,
-            &options,
-        )
-        .replace("[redis]\n", "[redis]\ncluster_refresh_s = 1\n"),
-        &[],
-    )
-    .unwrap();
-    let sink = Connector::start(
-        Kind::Sink,
-        &pipeline::sink_config(&target.url(), &broker.bootstrap(), &topic, &options),
-        &[],
-    )
-    .unwrap();
+    let (_broker, source, sink) = connectors(&cluster.nodes()[0].url(), &target);
     wait_equal(&cluster, &target, &[&source, &sink]);
     assert_eq!(source.metric("source_cluster_shards", &[]), Some(3.0));
 

@@ -297,28 +297,8 @@ fn cluster_to_cluster(source_masters: usize, target_masters: usize) {
 /// the target ends equal to the source.
 #[test]
 fn target_resharding_and_failover_while_applying() {
-    let source = RedisServer::start(RedisConfig::default()).unwrap();
     let target = RedisCluster::start(3, 1, target_config()).unwrap();
-    let broker = Broker::start(Storage::Memory).unwrap();
-    let topic = random_topic("target-reshard");
-    let options = Options::default();
-    let source_connector = Connector::start(
-        Kind::Source,
-        &pipeline::source_config(&source.url(), &broker.bootstrap(), &topic, &options),
-        &[],
-    )
-    .unwrap();
-    let sink = Connector::start(
-        Kind::Sink,
-        &pipeline::sink_config(
-            &target.nodes()[0].url(),
-            &broker.bootstrap(),
-            &topic,
-            &options,
-        ),
-        &[],
-    )
-    .unwrap();
+    let (source, _broker, source_connector, sink) = standalone_into(&target);
     let logs = [&source_connector, &sink];
     let expected = || dataset::read(&mut [source.conn()]).unwrap();
     let actual = || dataset::read(&mut target.master_conns()).unwrap();
@@ -400,28 +380,8 @@ fn live_writes_round(conn: &mut redis::Connection, i: u32) {
 /// equal to the source, nothing applied twice elsewhere.
 #[test]
 fn target_master_losing_its_writes_is_refilled_from_the_topic() {
-    let source = RedisServer::start(RedisConfig::default()).unwrap();
     let mut target = RedisCluster::start(3, 0, target_config()).unwrap();
-    let broker = Broker::start(Storage::Memory).unwrap();
-    let topic = random_topic("target-loss");
-    let options = Options::default();
-    let source_connector = Connector::start(
-        Kind::Source,
-        &pipeline::source_config(&source.url(), &broker.bootstrap(), &topic, &options),
-        &[],
-    )
-    .unwrap();
-    let sink = Connector::start(
-        Kind::Sink,
-        &pipeline::sink_config(
-            &target.nodes()[0].url(),
-            &broker.bootstrap(),
-            &topic,
-            &options,
-        ),
-        &[],
-    )
-    .unwrap();
+    let (source, _broker, source_connector, sink) = standalone_into(&target);
     let mut conn = source.conn();
     for i in 0..600 {
         live_writes_round(&mut conn, i);
@@ -477,4 +437,30 @@ fn target_master_losing_its_writes_is_refilled_from_the_topic() {
         "the sink did not go back on the topic:\n{}",
         sink.log()
     );
+}
+
+/// A standalone source, a broker and both connectors replicating into `target`.
+fn standalone_into(target: &RedisCluster) -> (RedisServer, Broker, Connector, Connector) {
+    let source = RedisServer::start(RedisConfig::default()).unwrap();
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let topic = random_topic("into-cluster");
+    let options = Options::default();
+    let source_connector = Connector::start(
+        Kind::Source,
+        &pipeline::source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )
+    .unwrap();
+    let sink = Connector::start(
+        Kind::Sink,
+        &pipeline::sink_config(
+            &target.nodes()[0].url(),
+            &broker.bootstrap(),
+            &topic,
+            &options,
+        ),
+        &[],
+    )
+    .unwrap();
+    (source, broker, source_connector, sink)
 }

@@ -305,19 +305,23 @@ fn broker_outage_loses_nothing() {
 fn ordered_writes(source: &RedisServer, round: u32, n: u32) {
     let mut conn = source.conn();
     for i in 0..n {
-        let key = format!("c:{}", i % 50);
-        exec(&mut conn, &[b"INCR", key.as_bytes()]);
-        let item = format!("{round}:{i}");
-        exec(
-            &mut conn,
-            &[
-                b"RPUSH",
-                format!("l:{}", i % 20).as_bytes(),
-                item.as_bytes(),
-            ],
-        );
-        exec(&mut conn, &[b"APPEND", b"log", item.as_bytes()]);
+        counting_round(&mut conn, u64::from(i), &format!("{round}:{i}"));
     }
+}
+
+/// One round of the counting workload: `INCR` of one of 50 counters, `RPUSH` of `item` to one
+/// of 20 lists, `APPEND` of `item` to `log`.
+fn counting_round(conn: &mut redis::Connection, i: u64, item: &str) {
+    exec(conn, &[b"INCR", format!("c:{}", i % 50).as_bytes()]);
+    exec(
+        conn,
+        &[
+            b"RPUSH",
+            format!("l:{}", i % 20).as_bytes(),
+            item.as_bytes(),
+        ],
+    );
+    exec(conn, &[b"APPEND", b"log", item.as_bytes()]);
 }
 
 /// The target loses writes the sink had applied: first the tail (it restarts from an older RDB
@@ -733,18 +737,7 @@ fn counting_writer(
         let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
         let mut writes = 0u64;
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            let i = writes;
-            exec(&mut conn, &[b"INCR", format!("c:{}", i % 50).as_bytes()]);
-            let item = i.to_string();
-            exec(
-                &mut conn,
-                &[
-                    b"RPUSH",
-                    format!("l:{}", i % 20).as_bytes(),
-                    item.as_bytes(),
-                ],
-            );
-            exec(&mut conn, &[b"APPEND", b"log", item.as_bytes()]);
+            counting_round(&mut conn, writes, &writes.to_string());
             writes += 1;
             std::thread::sleep(Duration::from_millis(2));
         }
