@@ -248,31 +248,7 @@ fn cluster_to_cluster(source_masters: usize, target_masters: usize) {
     .unwrap();
     let mut client = source.client();
     cluster_writes(&mut client, 1, 1000);
-    let broker = Broker::start(Storage::Memory).unwrap();
-    let topic = random_topic("cluster-to-cluster");
-    let options = Options::default();
-    let source_connector = Connector::start(
-        Kind::Source,
-        &pipeline::source_config(
-            &source.nodes()[0].url(),
-            &broker.bootstrap(),
-            &topic,
-            &options,
-        ),
-        &[],
-    )
-    .unwrap();
-    let sink = Connector::start(
-        Kind::Sink,
-        &pipeline::sink_config(
-            &target.nodes()[0].url(),
-            &broker.bootstrap(),
-            &topic,
-            &options,
-        ),
-        &[],
-    )
-    .unwrap();
+    let (_broker, source_connector, sink) = connectors_into(&source.nodes()[0].url(), &target);
     let expected = || dataset::read(&mut source.master_conns()).unwrap();
     let actual = || dataset::read(&mut target.master_conns()).unwrap();
     let logs = [&source_connector, &sink];
@@ -442,12 +418,18 @@ fn target_master_losing_its_writes_is_refilled_from_the_topic() {
 /// A standalone source, a broker and both connectors replicating into `target`.
 fn standalone_into(target: &RedisCluster) -> (RedisServer, Broker, Connector, Connector) {
     let source = RedisServer::start(RedisConfig::default()).unwrap();
+    let (broker, source_connector, sink) = connectors_into(&source.url(), target);
+    (source, broker, source_connector, sink)
+}
+
+/// A broker and both connectors replicating the source at `source_url` into `target`.
+fn connectors_into(source_url: &str, target: &RedisCluster) -> (Broker, Connector, Connector) {
     let broker = Broker::start(Storage::Memory).unwrap();
     let topic = random_topic("into-cluster");
     let options = Options::default();
     let source_connector = Connector::start(
         Kind::Source,
-        &pipeline::source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+        &pipeline::source_config(source_url, &broker.bootstrap(), &topic, &options),
         &[],
     )
     .unwrap();
@@ -462,5 +444,5 @@ fn standalone_into(target: &RedisCluster) -> (RedisServer, Broker, Connector, Co
         &[],
     )
     .unwrap();
-    (source, broker, source_connector, sink)
+    (broker, source_connector, sink)
 }
