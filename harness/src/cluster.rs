@@ -208,8 +208,12 @@ impl RedisCluster {
         let s = slot.to_string();
         let from_id: String = from.cmd(&["CLUSTER", "MYID"])?;
         let to_id: String = to.cmd(&["CLUSTER", "MYID"])?;
-        let _: String = to.cmd(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id])?;
-        let _: String = from.cmd(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id])?;
+        until_masters_known(|| {
+            to.cmd::<String>(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id])
+        })?;
+        until_masters_known(|| {
+            from.cmd::<String>(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id])
+        })?;
         loop {
             let keys: Vec<Vec<u8>> = from.cmd(&["CLUSTER", "GETKEYSINSLOT", &s, "100"])?;
             if keys.is_empty() {
@@ -306,7 +310,7 @@ impl RedisCluster {
                     .arg(&to_id)
                     .ignore();
             }
-            pipe.query::<()>(&mut m.conn())?;
+            until_masters_known(|| pipe.query::<()>(&mut m.conn()))?;
         }
         let from_id: String = from.cmd(&["CLUSTER", "MYID"])?;
         // A `CLUSTER NODES` line has 8 fields before its slot ranges.
@@ -459,5 +463,21 @@ impl RedisServer {
                 .strip_prefix(':')
                 .map(|v| v.trim().to_owned())
         })
+    }
+}
+
+/// Runs a `CLUSTER SETSLOT` until the node knows the other node as a master: right after a
+/// failover or under load, gossip may not have told it yet ("Please use SETSLOT only with
+/// masters"), which an operator would also just retry.
+fn until_masters_known<T>(mut f: impl FnMut() -> redis::RedisResult<T>) -> anyhow::Result<T> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if e.to_string().contains("only with masters") && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return Ok(r?),
+        }
     }
 }

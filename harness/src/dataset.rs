@@ -618,7 +618,20 @@ fn read_one(c: &mut redis::Connection, ds: &mut Dataset) -> redis::RedisResult<(
     Ok(())
 }
 
+/// One key's entry; `None` when it does not exist (any more: a key deleted between `SCAN` and
+/// its reads, such as the sink's temporary keys, is not an error).
 fn read_key(
+    c: &mut redis::Connection,
+    key: &[u8],
+    hash_ttls: bool,
+) -> redis::RedisResult<Option<Entry>> {
+    match read_existing_key(c, key, hash_ttls) {
+        Err(e) if e.to_string().contains("no such key") => Ok(None),
+        r => r,
+    }
+}
+
+fn read_existing_key(
     c: &mut redis::Connection,
     key: &[u8],
     hash_ttls: bool,

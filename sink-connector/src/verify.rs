@@ -86,6 +86,101 @@ fn show(key: &[u8]) -> String {
     }
 }
 
+/// One side of the comparison: a standalone server, or every master of a cluster with the slot
+/// map, each key read from the master that owns it.
+struct Side {
+    conns: Vec<Connection>,
+    /// Cluster: (first slot, last slot, index in `conns`); empty for a standalone server.
+    slots: Vec<(u16, u16, usize)>,
+}
+
+impl Side {
+    fn open(url: &str, what: &str) -> anyhow::Result<Side> {
+        let mut first = open(url, what)?;
+        let info: String = redis::cmd("INFO").arg("cluster").query(&mut first)?;
+        if !info.contains("cluster_enabled:1") {
+            return Ok(Side {
+                conns: vec![first],
+                slots: Vec::new(),
+            });
+        }
+        let seed = source_connector::config::Endpoint::parse(url)?;
+        let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut first)?;
+        let mut nodes: Vec<(String, u16)> = Vec::new();
+        let mut slots = Vec::new();
+        for (a, b, host, port) in crate::cluster::parse_slots(&reply, &seed.host) {
+            let i = match nodes.iter().position(|n| *n == (host.clone(), port)) {
+                Some(i) => i,
+                None => {
+                    nodes.push((host, port));
+                    nodes.len() - 1
+                }
+            };
+            slots.push((a, b, i));
+        }
+        let mut conns = Vec::new();
+        for (host, port) in &nodes {
+            let node = source_connector::cluster::at(&seed, host, *port);
+            conns.push(open(
+                &source_connector::cluster::client_url(&node),
+                &format!("{what} cluster node"),
+            )?);
+        }
+        Ok(Side { conns, slots })
+    }
+
+    fn is_cluster(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
+    /// The connection that holds `key`.
+    fn at(&mut self, key: &[u8]) -> &mut Connection {
+        let slot = proto::key_slot(key).get();
+        let i = self
+            .slots
+            .iter()
+            .find(|(a, b, _)| (*a..=*b).contains(&slot))
+            .map_or(0, |s| s.2);
+        &mut self.conns[i]
+    }
+
+    /// Keys per db, summed over the masters.
+    fn dbs(&mut self) -> anyhow::Result<Vec<(u32, u64)>> {
+        let mut all: BTreeMap<u32, u64> = BTreeMap::new();
+        for c in &mut self.conns {
+            for (db, n) in dbs(c)? {
+                *all.entry(db).or_default() += n;
+            }
+        }
+        Ok(all.into_iter().collect())
+    }
+
+    /// Selects `db` (a cluster has only db 0).
+    fn select(&mut self, db: u32) -> anyhow::Result<()> {
+        if !self.is_cluster() {
+            select(&mut self.conns[0], db)?;
+        }
+        Ok(())
+    }
+
+    /// Every key of the selected db, on every master.
+    fn scan(
+        &mut self,
+        mut each: impl FnMut(Vec<Vec<u8>>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        for c in &mut self.conns {
+            scan(c, &mut each)?;
+        }
+        Ok(())
+    }
+
+    /// A random key (of the `n`-th master, in turn, on a cluster).
+    fn random_key(&mut self, n: u64) -> anyhow::Result<Option<Vec<u8>>> {
+        let i = (n % self.conns.len() as u64) as usize;
+        Ok(redis::cmd("RANDOMKEY").query(&mut self.conns[i])?)
+    }
+}
+
 /// A canonical form of a key's value for comparison.
 fn value(conn: &mut Connection, key: &[u8]) -> anyhow::Result<(String, Value, i64)> {
     let kind: String = redis::cmd("TYPE").arg(key).query(conn)?;
@@ -152,19 +247,20 @@ fn select(conn: &mut Connection, db: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Compares everything (or `sample` random keys per db) of `source_url` with the target.
+/// Compares everything (or `sample` random keys per db) of `source_url` with the target. Either
+/// side may be a Redis Cluster: its masters are scanned and each key is read where it lives.
 pub fn verify(
     cfg: &Config,
     source_url: &str,
     sample: Option<u64>,
     ttl_tolerance_ms: i64,
 ) -> anyhow::Result<Report> {
-    let mut src = open(source_url, "source")?;
-    let mut dst = open(&cfg.redis.url, "target")?;
+    let mut src = Side::open(source_url, "source")?;
+    let mut dst = Side::open(&cfg.redis.url, "target")?;
     let prefix = cfg.apply.checkpoint_prefix.as_bytes().to_vec();
     let mut report = Report::default();
     let started = Instant::now();
-    let source_dbs = dbs(&mut src)?;
+    let source_dbs = src.dbs()?;
     let total: u64 = source_dbs
         .iter()
         .map(|(_, n)| sample.map_or(*n, |s| s.min(*n)))
@@ -172,15 +268,15 @@ pub fn verify(
     let mut last_progress = Instant::now();
     for &(db, keys) in &source_dbs {
         let tdb = cfg.map_db(db);
-        select(&mut src, db)?;
+        src.select(db)?;
         if cfg.redis.select {
-            select(&mut dst, tdb)?;
+            dst.select(tdb)?;
         }
         let mut candidates: Vec<Vec<u8>> = Vec::new();
         match sample {
             Some(n) => {
-                for _ in 0..n.min(keys) {
-                    if let Some(k) = redis::cmd("RANDOMKEY").query::<Option<Vec<u8>>>(&mut src)? {
+                for i in 0..n.min(keys) {
+                    if let Some(k) = src.random_key(i)? {
                         candidates.push(k);
                     }
                 }
@@ -188,7 +284,7 @@ pub fn verify(
                 candidates.dedup();
             }
             None => {
-                scan(&mut src, |batch| {
+                src.scan(|batch| {
                     candidates.extend(batch);
                     Ok(())
                 })?;
@@ -199,11 +295,11 @@ pub fn verify(
                 continue;
             }
             report.compared += 1;
-            let (skind, sval, sttl) = value(&mut src, &key)?;
+            let (skind, sval, sttl) = value(src.at(&key), &key)?;
             if skind == "none" {
                 continue; // expired or deleted meanwhile
             }
-            let (dkind, dval, dttl) = value(&mut dst, &key)?;
+            let (dkind, dval, dttl) = value(dst.at(&key), &key)?;
             let name = format!("db {db} key {}", show(&key));
             if dkind == "none" {
                 report.missing_count += 1;
@@ -240,23 +336,22 @@ pub fn verify(
     }
     // Extra keys on the target (only for full comparisons).
     if sample.is_none() {
-        let target_dbs = dbs(&mut dst)?;
-        for (tdb, _) in target_dbs {
+        for (tdb, _) in dst.dbs()? {
             if cfg.redis.select {
-                select(&mut dst, tdb)?;
+                dst.select(tdb)?;
             }
             let source_db = source_dbs
                 .iter()
                 .map(|(d, _)| *d)
                 .find(|d| cfg.map_db(*d) == tdb)
                 .unwrap_or(tdb);
-            select(&mut src, source_db)?;
-            scan(&mut dst, |batch| {
+            src.select(source_db)?;
+            dst.scan(|batch| {
                 for key in batch {
                     if key.starts_with(&prefix) {
                         continue;
                     }
-                    let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut src)?;
+                    let exists: i64 = redis::cmd("EXISTS").arg(&key).query(src.at(&key))?;
                     if exists == 0 {
                         report.extra_count += 1;
                         if report.extra.len() < EXAMPLES {

@@ -91,3 +91,21 @@ pub fn cluster_writes(client: &mut ClusterClient<'_>, round: u32, n: u32) {
         }
     }
 }
+
+/// Runs `sink-connector verify` with `sink`'s configuration against `source_url`: whether it
+/// reported a match (exit code 0), and its output.
+pub fn verify(sink: &Connector, source_url: &str) -> (bool, String) {
+    let out =
+        std::process::Command::new(harness::connector::binary(harness::connector::Kind::Sink))
+            .args(["verify", "--config"])
+            .arg(sink.config_path())
+            .args(["--source", source_url])
+            .output()
+            .expect("run sink-connector verify");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}

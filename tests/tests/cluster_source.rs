@@ -206,4 +206,7 @@ fn a_shard_whose_slots_all_moved_is_retired() {
     );
     cluster_writes(&mut client, 3, 500);
     wait_equal(&cluster, &target, &[&source, &sink]);
+    // `verify` reads the source cluster master by master.
+    let (ok, out) = tests::verify(&sink, &cluster.nodes()[0].url());
+    assert!(ok && out.contains("source and target match"), "{out}");
 }

@@ -265,6 +265,20 @@ fn cluster_to_cluster(source_masters: usize, target_masters: usize) {
     assert!(left > 20, "the other shards' keys stay ({left})");
     cluster_writes(&mut client, 3, 300);
     wait_datasets_equal(expected, actual, Duration::from_secs(120), &logs);
+    // `verify` reads both clusters master by master: a match, then a planted difference.
+    let (ok, out) = tests::verify(&sink, &source.nodes()[0].url());
+    assert!(ok && out.contains("source and target match"), "{out}");
+    let slot: u16 = target.nodes()[0]
+        .cmd(&["CLUSTER", "KEYSLOT", "c:1"])
+        .unwrap();
+    let _: () = target
+        .master_of_slot(slot)
+        .unwrap()
+        .cmd(&["SET", "c:1", "changed on the target"])
+        .unwrap();
+    let (ok, out) = tests::verify(&sink, &source.nodes()[0].url());
+    assert!(!ok, "{out}");
+    assert!(out.contains("1 different") && out.contains("c:1"), "{out}");
 }
 
 /// The target cluster changes under the sink while it applies a counting workload: slots holding

@@ -150,30 +150,16 @@ fn standalone_to_standalone_every_type() {
     assert!(format!("{libs:?}").contains("mylib"), "{libs:?}");
 
     // `verify` agrees, then finds a planted difference and an extra key.
-    let verify = |p: &Pipeline| {
-        std::process::Command::new(harness::connector::binary(harness::connector::Kind::Sink))
-            .args(["verify", "--config"])
-            .arg(p.sink.config_path())
-            .args(["--source", &p.source.url()])
-            .output()
-            .unwrap()
-    };
-    let out = verify(&p);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, stdout) = tests::verify(&p.sink, &p.source.url());
+    assert!(ok, "{stdout}");
     assert!(stdout.contains("source and target match"), "{stdout}");
     exec(
         &mut p.target.conn(),
         &[b"SET", b"str:7", b"changed on the target"],
     );
     exec(&mut p.target.conn(), &[b"SET", b"only-on-target", b"x"]);
-    let out = verify(&p);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success());
+    let (ok, stdout) = tests::verify(&p.sink, &p.source.url());
+    assert!(!ok);
     assert!(
         stdout.contains("1 extra on the target, 1 different"),
         "{stdout}"
