@@ -55,12 +55,19 @@ pub trait Partitions: Send + Sync {
 /// Field of the checkpoint hash with the Kafka offset of the last message its data covers.
 const KAFKA_OFFSET_FIELD: &str = "kafka:offset";
 
+/// Cluster targets: prefix of the partition checkpoint's fields that record, per slot the lane
+/// wrote to, the Kafka offset that slot's own checkpoint reached (`slot:<n>`). A slot whose
+/// checkpoint holds less lost writes, even when that happened while no sink was running.
+const SLOT_FIELD: &str = "slot:";
+
 /// A lane's checkpoint hash as read from the target.
 #[derive(Debug, Default)]
 struct Checkpoint {
     exists: bool,
     positions: Vec<(String, Position)>,
     kafka_offset: Option<i64>,
+    /// `slot:<n>` fields: (slot, Kafka offset its checkpoint reached).
+    slots: Vec<(u16, i64)>,
 }
 
 /// What a lane needs from the rest of the process.
@@ -243,6 +250,10 @@ impl Lane {
             let value = String::from_utf8_lossy(&v);
             if field == KAFKA_OFFSET_FIELD {
                 checkpoint.kafka_offset = value.parse().ok();
+            } else if let Some(slot) = field.strip_prefix(SLOT_FIELD) {
+                if let (Ok(slot), Ok(offset)) = (slot.parse(), value.parse()) {
+                    checkpoint.slots.push((slot, offset));
+                }
             } else if !field.starts_with("barrier:") {
                 if let Some(position) = Position::parse(&value) {
                     checkpoint.positions.push((field, position));
@@ -278,6 +289,11 @@ impl Lane {
             // Written by a version without `kafka:offset`: trust the committed offset.
             None => None,
         };
+        if self.target.is_cluster() && !stored.slots.is_empty() {
+            if let Some(from) = self.lost_while_away(&stored.slots).await? {
+                self.refill_from = Some(self.refill_from.map_or(from, |f| f.min(from)));
+            }
+        }
         if let Some(from) = self.refill_from.take() {
             self.expect_next = Some(self.expect_next.map_or(from, |e| e.min(from)));
         }
@@ -380,20 +396,7 @@ impl Lane {
             {
                 continue;
             }
-            let start = match stored.kafka_offset {
-                Some(offset) => offset + 1,
-                None => {
-                    let partitions = Arc::clone(&self.env.partitions);
-                    let partition = self.partition;
-                    blocking(move || partitions.low_watermark(partition))
-                        .await
-                        .map_err(|e| {
-                            self.halt(&format!(
-                                "slot {slot} of the target lost its writes and the partition's oldest offset cannot be read: {e}"
-                            ))
-                        })?
-                }
-            };
+            let start = self.refill_start(slot, stored.kafka_offset).await?;
             from = Some(from.map_or(start, |f: i64| f.min(start)));
             lost.push(slot);
         }
@@ -403,8 +406,61 @@ impl Lane {
                 "target {} lost writes this lane had applied to slots {lost:?} (a master restarted without persistence or a replica was promoted before it had them): applying them again from partition offset {offset}",
                 self.target.address(),
             );
+            counter!("sink_target_slots_lost_total", "partition" => self.label.clone())
+                .increment(lost.len() as u64);
         }
         Ok(from)
+    }
+
+    /// Cluster targets, when the lane starts: the slots whose own checkpoint holds less than
+    /// the partition's checkpoint recorded for them (`slot:<n>` fields), which lost writes while
+    /// no lane was connected (a master restarted without persistence, a lagging replica
+    /// promoted). Returns the Kafka offset to apply them again from, as `lost_slots` does. The
+    /// slot checkpoints read here also prime `slot_applied`.
+    async fn lost_while_away(&mut self, recorded: &[(u16, i64)]) -> Result<Option<i64>, Stop> {
+        let mut from: Option<i64> = None;
+        let mut lost = Vec::new();
+        for &(slot, reached) in recorded {
+            let stored = self.read_checkpoint(self.slot_key(slot)).await?;
+            let held = stored.kafka_offset;
+            self.slot_applied
+                .insert(slot, stored.positions.into_iter().collect());
+            if held.is_some_and(|h| h >= reached) {
+                continue;
+            }
+            let start = self.refill_start(slot, held).await?;
+            from = Some(from.map_or(start, |f: i64| f.min(start)));
+            lost.push((slot, held, reached));
+        }
+        if let Some(offset) = from {
+            tracing::error!(
+                partition = self.partition,
+                "target {} lost writes to {} slots while no sink was connected (slot, offset it holds, offset it had reached: {:?}): a master restarted without persistence or a lagging replica was promoted; applying them again from partition offset {offset}",
+                self.target.address(),
+                lost.len(),
+                &lost[..lost.len().min(10)],
+            );
+            counter!("sink_target_slots_lost_total", "partition" => self.label.clone())
+                .increment(lost.len() as u64);
+        }
+        Ok(from)
+    }
+
+    /// Where to apply a slot's lost writes again from: after the Kafka offset its checkpoint
+    /// still holds, or the partition's oldest offset when its checkpoint is gone.
+    async fn refill_start(&mut self, slot: u16, held: Option<i64>) -> Result<i64, Stop> {
+        if let Some(offset) = held {
+            return Ok(offset + 1);
+        }
+        let partitions = Arc::clone(&self.env.partitions);
+        let partition = self.partition;
+        blocking(move || partitions.low_watermark(partition))
+            .await
+            .map_err(|e| {
+                self.halt(&format!(
+                    "slot {slot} of the target lost its writes and the partition's oldest offset cannot be read: {e}"
+                ))
+            })
     }
 
     /// The first message after a (re)load is past what the target holds: seek back.
@@ -804,10 +860,15 @@ impl Lane {
             }
         }
         let mut last: HashMap<String, Position> = HashMap::new();
+        // The Kafka offset each slot's checkpoint reaches with this batch.
+        let mut reached: Vec<(u16, i64)> = Vec::new();
         for (slot, mut group) in groups {
             for p in &group {
                 let held = last.entry(p.shard.clone()).or_insert(p.position);
                 *held = (*held).max(p.position);
+            }
+            if let Some(slot) = slot {
+                reached.push((slot, group[group.len() - 1].offset));
             }
             self.batch_slot = slot;
             let result = self.flush_one(&mut group).await;
@@ -815,7 +876,11 @@ impl Lane {
             result?;
         }
         let positions: Vec<(String, Position)> = last.into_iter().collect();
-        let op = self.checkpoint_op(self.key.clone(), &positions, Some(through));
+        let mut op = self.checkpoint_op(self.key.clone(), &positions, Some(through));
+        for (slot, offset) in reached {
+            op.args.push(Bytes::from(format!("{SLOT_FIELD}{slot}")));
+            op.args.push(Bytes::from(offset.to_string()));
+        }
         match self.apply(&[op]).await {
             Ok(()) | Err(ApplyFailure::Continue) => {}
             Err(ApplyFailure::Stop(s)) => return Err(s),

@@ -296,8 +296,11 @@ impl Config {
         );
         let shard = self.shard_name();
         anyhow::ensure!(
-            !shard.is_empty() && shard != "kafka:offset" && !shard.starts_with("barrier:"),
-            "redis.shard_name = {shard:?} is reserved (the sink's checkpoint hashes use \"kafka:offset\" and \"barrier:…\" fields)"
+            !shard.is_empty()
+                && shard != "kafka:offset"
+                && !shard.starts_with("barrier:")
+                && !shard.starts_with("slot:"),
+            "redis.shard_name = {shard:?} is reserved (the sink's checkpoint hashes use \"kafka:offset\", \"barrier:…\" and \"slot:…\" fields)"
         );
         Ok(())
     }

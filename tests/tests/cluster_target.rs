@@ -223,6 +223,24 @@ fn standalone_with_dbs_to_cluster_with_db_mapping_and_sink_kill9() {
         }
     }
     assert!(ckpts > 10, "{ckpts} checkpoint keys");
+    // `verify` with dbs 0, 1 and 15 folded into the cluster's db 0: every target key is found in
+    // one of the source dbs mapped to it; a key that is in none of them is reported as extra.
+    let (ok, out) = tests::verify(&sink, &source.url());
+    assert!(ok && out.contains("source and target match"), "{out}");
+    let slot: u16 = cluster.nodes()[0]
+        .cmd(&["CLUSTER", "KEYSLOT", "only-on-target"])
+        .unwrap();
+    let _: () = cluster
+        .master_of_slot(slot)
+        .unwrap()
+        .cmd(&["SET", "only-on-target", "x"])
+        .unwrap();
+    let (ok, out) = tests::verify(&sink, &source.url());
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("1 extra") && out.contains("only-on-target"),
+        "{out}"
+    );
 }
 
 /// A 3-master cluster into a 2-master cluster: different slot owners on both sides, and a
@@ -307,7 +325,22 @@ fn target_resharding_and_failover_while_applying() {
             rounds
         })
     };
-    std::thread::sleep(Duration::from_secs(2));
+    // Each change to the target waits until the sink applied more of the workload, so that it
+    // happens while the sink is applying.
+    let applied_more = || {
+        let applied = || {
+            sink.metric("sink_records_applied_total", &[])
+                .unwrap_or(0.0)
+        };
+        let before = applied();
+        harness::wait_for(
+            "the sink to apply more writes",
+            Duration::from_secs(60),
+            || (applied() >= before + 100.0).then_some(()),
+        )
+        .unwrap();
+    };
+    applied_more();
     // Slots of workload keys, each to a master that does not own it.
     let masters: Vec<u16> = target.masters().iter().map(|m| m.port()).collect();
     for key in ["c:0", "c:1", "l:0", "log", "c:7"] {
@@ -316,7 +349,7 @@ fn target_resharding_and_failover_while_applying() {
         let to = *masters.iter().find(|&&p| p != owner).unwrap();
         eprintln!("migrating slot {slot} ({key}) from {owner} to {to}");
         target.migrate_slot(slot, to).unwrap();
-        std::thread::sleep(Duration::from_millis(500));
+        applied_more();
     }
     let slot: u16 = target.nodes()[0]
         .cmd(&["CLUSTER", "KEYSLOT", "c:3"])
@@ -325,7 +358,7 @@ fn target_resharding_and_failover_while_applying() {
     let replica = target.replica_of(master).unwrap().port();
     eprintln!("failing over master {master} to its replica {replica}");
     target.failover(replica).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    applied_more();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let rounds = writer.join().unwrap();
     eprintln!("{rounds} rounds of writes");
@@ -370,8 +403,19 @@ fn live_writes_round(conn: &mut redis::Connection, i: u32) {
 /// equal to the source, nothing applied twice elsewhere.
 #[test]
 fn target_master_losing_its_writes_is_refilled_from_the_topic() {
+    target_master_loses_its_writes(false);
+}
+
+/// The same loss while the sink is stopped: the restarted sink finds the slots whose own
+/// checkpoint holds less than its partition checkpoint recorded for them, and applies them again.
+#[test]
+fn target_master_losing_its_writes_while_the_sink_is_stopped_is_refilled() {
+    target_master_loses_its_writes(true);
+}
+
+fn target_master_loses_its_writes(while_stopped: bool) {
     let mut target = RedisCluster::start(3, 0, target_config()).unwrap();
-    let (source, _broker, source_connector, sink) = standalone_into(&target);
+    let (source, _broker, source_connector, mut sink) = standalone_into(&target);
     let mut conn = source.conn();
     for i in 0..600 {
         live_writes_round(&mut conn, i);
@@ -385,6 +429,10 @@ fn target_master_losing_its_writes_is_refilled_from_the_topic() {
             Duration::from_secs(60),
             &[&source_connector, &sink],
         );
+    }
+    if while_stopped {
+        eprintln!("stopping the sink");
+        assert!(sink.stop().is_some(), "the sink did not stop");
     }
     let slot: u16 = target.nodes()[0]
         .cmd(&["CLUSTER", "KEYSLOT", "c:0"])
@@ -408,6 +456,9 @@ fn target_master_losing_its_writes_is_refilled_from_the_topic() {
     for i in 600..900 {
         live_writes_round(&mut conn, i);
     }
+    if while_stopped {
+        sink.restart().unwrap();
+    }
     let expected = || dataset::read(&mut [source.conn()]).unwrap();
     let actual = || dataset::read(&mut target.master_conns()).unwrap();
     let recovery = wait_datasets_equal(
@@ -417,10 +468,18 @@ fn target_master_losing_its_writes_is_refilled_from_the_topic() {
         &[&source_connector, &sink],
     );
     harness::pipeline::record_reliability(
-        "cluster target: a master restarts empty (lost everything the sink applied to it)",
+        if while_stopped {
+            "cluster target: a master restarts empty while the sink is stopped"
+        } else {
+            "cluster target: a master restarts empty (lost everything the sink applied to it)"
+        },
         1,
         900 * 3,
         recovery,
+    );
+    eprintln!(
+        "slots found lost: {:?}",
+        sink.metric("sink_target_slots_lost_total", &[])
     );
     assert!(
         sink.metric("sink_rewinds_total", &[]).unwrap_or(0.0) > 0.0,
