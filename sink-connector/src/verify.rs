@@ -334,29 +334,41 @@ pub fn verify(
             }
         }
     }
-    // Extra keys on the target (only for full comparisons).
+    // Extra keys on the target (only for full comparisons): keys found in none of the source
+    // dbs the sink writes into that target db (`redis.db_map` may fold several into one).
     if sample.is_none() {
         for (tdb, _) in dst.dbs()? {
             if cfg.redis.select {
                 dst.select(tdb)?;
             }
-            let source_db = source_dbs
+            let from: Vec<u32> = source_dbs
                 .iter()
                 .map(|(d, _)| *d)
-                .find(|d| cfg.map_db(*d) == tdb)
-                .unwrap_or(tdb);
-            src.select(source_db)?;
+                .filter(|d| cfg.map_db(*d) == tdb)
+                .collect();
             dst.scan(|batch| {
-                for key in batch {
-                    if key.starts_with(&prefix) {
-                        continue;
+                let mut unseen: Vec<Vec<u8>> = batch
+                    .into_iter()
+                    .filter(|k| !k.starts_with(&prefix))
+                    .collect();
+                for &db in &from {
+                    if unseen.is_empty() {
+                        break;
                     }
-                    let exists: i64 = redis::cmd("EXISTS").arg(&key).query(src.at(&key))?;
-                    if exists == 0 {
-                        report.extra_count += 1;
-                        if report.extra.len() < EXAMPLES {
-                            report.extra.push(format!("db {tdb} key {}", show(&key)));
+                    src.select(db)?;
+                    let mut still = Vec::with_capacity(unseen.len());
+                    for key in unseen {
+                        let exists: i64 = redis::cmd("EXISTS").arg(&key).query(src.at(&key))?;
+                        if exists == 0 {
+                            still.push(key);
                         }
+                    }
+                    unseen = still;
+                }
+                for key in unseen {
+                    report.extra_count += 1;
+                    if report.extra.len() < EXAMPLES {
+                        report.extra.push(format!("db {tdb} key {}", show(&key)));
                     }
                 }
                 Ok(())
