@@ -704,7 +704,22 @@ fn connectors_stop_promptly_when_the_broker_is_gone() {
     for i in 0..200 {
         exec(&mut conn, &[b"RPUSH", b"during", i.to_string().as_bytes()]);
     }
-    std::thread::sleep(Duration::from_secs(2));
+    let written: f64 = p
+        .source
+        .info_field("replication", "master_repl_offset")
+        .unwrap()
+        .parse()
+        .unwrap();
+    harness::wait_for(
+        "the source connector to read the writes made without a broker",
+        Duration::from_secs(30),
+        || {
+            p.source_connector
+                .metric("source_offset_received", &[])
+                .filter(|&o| o >= written)
+        },
+    )
+    .unwrap();
     let sink = p.sink.stop();
     let source = p.source_connector.stop();
     assert!(
