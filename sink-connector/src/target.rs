@@ -83,6 +83,15 @@ fn cross_slot(args: &[Bytes], op: Option<usize>) -> ApplyError {
     }
 }
 
+/// A redis-rs command of `args`, sized up front.
+fn command(args: &[Bytes]) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(args.len(), args.iter().map(Bytes::len).sum());
+    for a in args {
+        cmd.arg(a.as_ref());
+    }
+    cmd
+}
+
 /// One write: its db (None: wherever the connection is) and arguments.
 #[derive(Debug, Clone)]
 pub struct Op {
@@ -347,7 +356,7 @@ impl Target {
         ops: &[Op],
         select: bool,
     ) -> Result<Vec<Value>, ApplyError> {
-        let mut pipe = redis::pipe();
+        let mut pipe = redis::Pipeline::with_capacity(ops.len() + 2);
         pipe.cmd("MULTI");
         // Index in the EXEC result of each op (SELECTs are results too).
         let mut result_index = Vec::with_capacity(ops.len());
@@ -363,11 +372,7 @@ impl Target {
                     }
                 }
             }
-            let mut cmd = redis::Cmd::new();
-            for a in &op.args {
-                cmd.arg(a.as_ref());
-            }
-            pipe.add_command(cmd);
+            pipe.add_command(command(&op.args));
             result_index.push(queued);
             queued += 1;
         }
@@ -406,8 +411,9 @@ impl Target {
         self.current_db = db;
         // A SELECT that failed at run time sent the commands after it to the wrong db: that is
         // never acceptable, whatever the caller's policy.
+        let mut ops_at = result_index.iter().peekable();
         for (i, v) in results.iter().enumerate() {
-            if result_index.contains(&i) {
+            if ops_at.next_if_eq(&&i).is_some() {
                 continue;
             }
             if let Some((code, message)) = server_error(v) {
@@ -421,10 +427,14 @@ impl Target {
         }
         // Runtime errors of single commands (the transaction ran) are left in the results for
         // the caller to judge: see `runtime_error`.
-        Ok(result_index
-            .iter()
-            .map(|&r| results.get(r).cloned().unwrap_or(Value::Nil))
-            .collect())
+        let mut ops_at = result_index.iter().peekable();
+        let mut of_ops: Vec<Value> = results
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, v)| ops_at.next_if_eq(&&i).map(|_| v))
+            .collect();
+        of_ops.resize(ops.len(), Value::Nil);
+        Ok(of_ops)
     }
 
     /// Reads the slot map (`CLUSTER SLOTS`) from the seed node.
@@ -552,12 +562,8 @@ impl Target {
         conn: &mut MultiplexedConnection,
         args: &[Bytes],
     ) -> Result<Value, ApplyError> {
-        let mut cmd = redis::Cmd::new();
-        for a in args {
-            cmd.arg(a.as_ref());
-        }
         let mut pipe = redis::pipe();
-        pipe.add_command(cmd);
+        pipe.add_command(command(args));
         match conn.send_packed_commands(&pipe, 0, 1).await {
             Ok(mut v) => Ok(v.pop().unwrap_or(Value::Nil)),
             Err(e) => Err(self.connection_error(e)),
