@@ -5,6 +5,10 @@ use source_connector::rdb::{Config, Decoder, Item};
 use std::io::Read;
 use std::time::Instant;
 
+// The allocator the connector runs with (source-connector/src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1).ok_or("usage: decode_stats FILE")?;
     let mut file = std::fs::File::open(&path)?;

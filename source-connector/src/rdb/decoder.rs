@@ -632,7 +632,12 @@ impl Decoder {
                 header.lfu_freq = meta.freq;
                 self.current = Some(Current {
                     rdb_type: header.rdb_type,
-                    dump: Some(vec![header.rdb_type]),
+                    dump: Some({
+                        // Most values are small: room for one, its trailer and no regrowth.
+                        let mut d = Vec::with_capacity(64);
+                        d.push(header.rdb_type);
+                        d
+                    }),
                     encoded: 0,
                     piece: None,
                     piece_cost: 0,
@@ -1075,7 +1080,11 @@ fn parse_score(b: &[u8]) -> Result<f64, ErrorKind> {
         .ok_or(ErrorKind::Invalid("zset score is not a number"))
 }
 
-fn pairs(elems: Vec<Bytes>) -> Result<Vec<(Bytes, Bytes)>, ErrorKind> {
+/// Pairs up `elems` (field, value, field, value...) as `f` makes them.
+fn pairs<T>(
+    elems: Vec<Bytes>,
+    mut f: impl FnMut(Bytes, Bytes) -> Result<T, ErrorKind>,
+) -> Result<Vec<T>, ErrorKind> {
     if !elems.len().is_multiple_of(2) {
         return Err(ErrorKind::Invalid(
             "odd number of elements in a pair encoding",
@@ -1084,20 +1093,20 @@ fn pairs(elems: Vec<Bytes>) -> Result<Vec<(Bytes, Bytes)>, ErrorKind> {
     let mut out = Vec::with_capacity(elems.len() / 2);
     let mut it = elems.into_iter();
     while let (Some(a), Some(b)) = (it.next(), it.next()) {
-        out.push((a, b));
+        out.push(f(a, b)?);
     }
     Ok(out)
 }
 
+/// Hash fields without TTLs.
+fn hash_pairs(elems: Vec<Bytes>) -> Result<Piece, ErrorKind> {
+    pairs(elems, |f, v| Ok((f, v, None))).map(Piece::Hash)
+}
+
 /// Decodes an encoded blob value into one piece.
-fn blob_piece(ty: u8, blob: &[u8]) -> Result<Piece, ErrorKind> {
+fn blob_piece(ty: u8, blob: &Bytes) -> Result<Piece, ErrorKind> {
     Ok(match ty {
-        t::HASH_ZIPMAP => Piece::Hash(
-            pairs(encodings::zipmap(blob)?)?
-                .into_iter()
-                .map(|(f, v)| (f, v, None))
-                .collect(),
-        ),
+        t::HASH_ZIPMAP => hash_pairs(encodings::zipmap(blob)?)?,
         t::LIST_ZIPLIST => Piece::List(encodings::ziplist(blob)?),
         t::SET_INTSET => Piece::Set(encodings::intset(blob)?),
         t::SET_LISTPACK => Piece::Set(encodings::listpack(blob)?),
@@ -1107,25 +1116,10 @@ fn blob_piece(ty: u8, blob: &[u8]) -> Result<Piece, ErrorKind> {
             } else {
                 encodings::listpack(blob)?
             };
-            Piece::ZSet(
-                pairs(elems)?
-                    .into_iter()
-                    .map(|(m, s)| Ok((m, parse_score(&s)?)))
-                    .collect::<Result<_, ErrorKind>>()?,
-            )
+            Piece::ZSet(pairs(elems, |m, s| Ok((m, parse_score(&s)?)))?)
         }
-        t::HASH_ZIPLIST => Piece::Hash(
-            pairs(encodings::ziplist(blob)?)?
-                .into_iter()
-                .map(|(f, v)| (f, v, None))
-                .collect(),
-        ),
-        t::HASH_LISTPACK => Piece::Hash(
-            pairs(encodings::listpack(blob)?)?
-                .into_iter()
-                .map(|(f, v)| (f, v, None))
-                .collect(),
-        ),
+        t::HASH_ZIPLIST => hash_pairs(encodings::ziplist(blob)?)?,
+        t::HASH_LISTPACK => hash_pairs(encodings::listpack(blob)?)?,
         t::HASH_LISTPACK_EX | t::HASH_LISTPACK_EX_PRE_GA => {
             // TTLs in the listpack are absolute in both formats.
             let mut entries = Vec::new();
@@ -1140,7 +1134,8 @@ fn blob_piece(ty: u8, blob: &[u8]) -> Result<Piece, ErrorKind> {
                 let ttl = t[2]
                     .as_int()
                     .ok_or(ErrorKind::Invalid("hash field TTL is not an integer"))?;
-                out.push((t[0].to_bytes(), t[1].to_bytes(), (ttl > 0).then_some(ttl)));
+                let (f, v) = (t[0].to_bytes(blob), t[1].to_bytes(blob));
+                out.push((f, v, (ttl > 0).then_some(ttl)));
             }
             Piece::Hash(out)
         }
@@ -1149,7 +1144,7 @@ fn blob_piece(ty: u8, blob: &[u8]) -> Result<Piece, ErrorKind> {
 }
 
 /// The entries of one stream listpack node, without deleted ones.
-fn stream_node(master: StreamId, blob: &[u8]) -> Result<Vec<StreamEntry>, ErrorKind> {
+fn stream_node(master: StreamId, blob: &Bytes) -> Result<Vec<StreamEntry>, ErrorKind> {
     let mut lp: Vec<LpEntry> = Vec::new();
     encodings::listpack_each(blob, |e| lp.push(e))?;
     let bad = || ErrorKind::Invalid("malformed stream listpack node");
@@ -1163,7 +1158,7 @@ fn stream_node(master: StreamId, blob: &[u8]) -> Result<Vec<StreamEntry>, ErrorK
         return Err(bad());
     }
     let master_fields: Vec<Bytes> = (0..nfields)
-        .map(|_| it.next().map(LpEntry::to_bytes).ok_or_else(bad))
+        .map(|_| it.next().map(|e| e.to_bytes(blob)).ok_or_else(bad))
         .collect::<Result<_, _>>()?;
     if int(&mut it)? != 0 {
         return Err(bad());
@@ -1181,14 +1176,17 @@ fn stream_node(master: StreamId, blob: &[u8]) -> Result<Vec<StreamEntry>, ErrorK
         let fields: Vec<(Bytes, Bytes)> = if flags & 2 != 0 {
             master_fields
                 .iter()
-                .map(|f| Ok((f.clone(), it.next().map(LpEntry::to_bytes).ok_or_else(bad)?)))
+                .map(|f| {
+                    let v = it.next().map(|e| e.to_bytes(blob)).ok_or_else(bad)?;
+                    Ok((f.clone(), v))
+                })
                 .collect::<Result<_, ErrorKind>>()?
         } else {
             let n = int(&mut it)?;
             (0..n)
                 .map(|_| {
-                    let f = it.next().map(LpEntry::to_bytes).ok_or_else(bad)?;
-                    let v = it.next().map(LpEntry::to_bytes).ok_or_else(bad)?;
+                    let f = it.next().map(|e| e.to_bytes(blob)).ok_or_else(bad)?;
+                    let v = it.next().map(|e| e.to_bytes(blob)).ok_or_else(bad)?;
                     Ok((f, v))
                 })
                 .collect::<Result<_, ErrorKind>>()?
