@@ -11,36 +11,33 @@ pub enum LzfError {
     LengthMismatch,
 }
 
-/// Longest run one instruction writes: a back reference of 7 + 255 + 2 bytes.
-const MAX_INSTRUCTION_OUTPUT: usize = 264;
-
 /// Expands `input` into exactly `out_len` bytes.
 pub fn decompress(input: &[u8], out_len: usize) -> Result<Vec<u8>, LzfError> {
-    let mut out = vec![0u8; out_len];
-    let (mut i, mut o) = (0, 0);
+    let mut out = Vec::with_capacity(out_len);
+    let mut i = 0;
     while i < input.len() {
-        instruction(input, &mut i, &mut out, &mut o)?;
+        instruction(input, &mut i, &mut out)?;
+        if out.len() > out_len {
+            return Err(LzfError::LengthMismatch);
+        }
     }
-    if o != out_len {
+    if out.len() != out_len {
         return Err(LzfError::LengthMismatch);
     }
     Ok(out)
 }
 
-/// Runs the instruction at `input[*i]`: a literal run or a back reference into `out[..*o]`,
-/// written at `out[*o]`. Advances `*i` and `*o` past it. Output that does not fit in `out` is
-/// more than the declared length.
+/// Runs the instruction at `input[*i]`: a literal run or a back reference into `out`, appended
+/// to `out`. Advances `*i` past it.
 #[inline(always)]
-fn instruction(input: &[u8], i: &mut usize, out: &mut [u8], o: &mut usize) -> Result<(), LzfError> {
+fn instruction(input: &[u8], i: &mut usize, out: &mut Vec<u8>) -> Result<(), LzfError> {
     let ctrl = input[*i] as usize;
     *i += 1;
     if ctrl < 32 {
         let run = ctrl + 1;
         let lit = input.get(*i..*i + run).ok_or(LzfError::Truncated)?;
-        let dst = out.get_mut(*o..*o + run).ok_or(LzfError::LengthMismatch)?;
-        dst.copy_from_slice(lit);
+        out.extend_from_slice(lit);
         *i += run;
-        *o += run;
         return Ok(());
     }
     let mut len = ctrl >> 5;
@@ -52,22 +49,19 @@ fn instruction(input: &[u8], i: &mut usize, out: &mut [u8], o: &mut usize) -> Re
     let low = *input.get(*i).ok_or(LzfError::Truncated)? as usize;
     *i += 1;
     let back = ((ctrl & 0x1f) << 8) + low + 1;
-    if back > *o {
+    if back > out.len() {
         return Err(LzfError::BadReference);
     }
-    if *o + len > out.len() {
-        return Err(LzfError::LengthMismatch);
+    let start = out.len() - back;
+    if back >= len {
+        out.extend_from_within(start..start + len);
+    } else {
+        // Overlapping copy: repeats the last `back` bytes.
+        for k in 0..len {
+            let b = out[start + k];
+            out.push(b);
+        }
     }
-    let start = *o - back;
-    // When the reference overlaps what it writes (`back < len`), the output repeats the last
-    // `back` bytes: copy the pattern in doubling steps, each from the pattern's start.
-    let mut done = 0;
-    while done < len {
-        let n = (back + done).min(len - done);
-        out.copy_within(start..start + n, *o + done);
-        done += n;
-    }
-    *o += len;
     Ok(())
 }
 
@@ -83,9 +77,8 @@ pub struct Expander {
     pos: usize,
     out_len: usize,
     produced: usize,
-    /// The last `WINDOW` bytes of output (for back references), then room for the next piece.
-    buf: Vec<u8>,
-    history: usize,
+    /// The last `WINDOW` bytes of output, for back references.
+    history: Vec<u8>,
 }
 
 impl Expander {
@@ -95,8 +88,7 @@ impl Expander {
             pos: 0,
             out_len,
             produced: 0,
-            buf: Vec::new(),
-            history: 0,
+            history: Vec::new(),
         }
     }
 
@@ -107,19 +99,22 @@ impl Expander {
     /// The next piece: about `max` bytes (whole instructions, so up to 264 more), or the rest.
     /// After the last piece the output length is checked against the declared one.
     pub fn next_piece(&mut self, max: usize) -> Result<Vec<u8>, LzfError> {
-        let base = self.history;
-        let room = (max + MAX_INSTRUCTION_OUTPUT).min(self.out_len - self.produced);
-        self.buf.resize(base + room, 0);
-        let (mut i, mut o) = (self.pos, base);
-        while i < self.input.len() && o - base < max {
-            instruction(&self.input, &mut i, &mut self.buf, &mut o)?;
+        let input = &self.input;
+        let mut buf = std::mem::take(&mut self.history);
+        let base = buf.len();
+        let mut i = self.pos;
+        while i < input.len() && buf.len() - base < max {
+            instruction(input, &mut i, &mut buf)?;
+            if self.produced + (buf.len() - base) > self.out_len {
+                return Err(LzfError::LengthMismatch);
+            }
         }
         self.pos = i;
-        let piece = self.buf[base..o].to_vec();
+        let piece = buf[base..].to_vec();
         self.produced += piece.len();
-        let keep = o.min(WINDOW);
-        self.buf.copy_within(o - keep..o, 0);
-        self.history = keep;
+        let keep = buf.len().saturating_sub(WINDOW);
+        buf.drain(..keep);
+        self.history = buf;
         if self.is_done() && self.produced != self.out_len {
             return Err(LzfError::LengthMismatch);
         }
