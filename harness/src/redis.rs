@@ -205,6 +205,15 @@ impl RedisServer {
         })
     }
 
+    /// `master_repl_offset` from `INFO replication`, as the connectors' offset metrics report
+    /// it (a float, for comparing with them).
+    pub fn repl_offset(&self) -> anyhow::Result<f64> {
+        let field = self
+            .info_field("replication", "master_repl_offset")
+            .ok_or_else(|| anyhow::anyhow!("INFO replication has no master_repl_offset"))?;
+        Ok(field.parse()?)
+    }
+
     /// The process id (0 once it has exited).
     pub fn pid(&self) -> u32 {
         self.process.pid().unwrap_or(0)

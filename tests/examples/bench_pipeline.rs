@@ -319,10 +319,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn source_offset(source: &RedisServer) -> f64 {
-    source
-        .info_field("replication", "master_repl_offset")
-        .and_then(|o| o.parse().ok())
-        .unwrap_or(0.0)
+    source.repl_offset().unwrap_or(0.0)
 }
 
 /// utime + stime of each process, in seconds.

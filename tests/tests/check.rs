@@ -38,12 +38,7 @@ fn checks_pass_on_a_running_pipeline_and_name_what_is_wrong() {
     }
     p.wait_equal(Duration::from_secs(60)).unwrap();
     // Wait for the source to checkpoint everything written.
-    let written: f64 = p
-        .source
-        .info_field("replication", "master_repl_offset")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let written = p.source.repl_offset().unwrap();
     harness::wait_for(
         "a checkpoint covering the writes",
         Duration::from_secs(30),

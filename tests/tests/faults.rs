@@ -414,12 +414,7 @@ fn network_faults_between_connectors_and_redis() {
     }
     // The source must be streaming again before its link goes half-open: the writes go on,
     // so once Kafka acknowledged data written after the last cut, a new session is streaming.
-    let after_cuts: f64 = p
-        .source
-        .info_field("replication", "master_repl_offset")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let after_cuts = p.source.repl_offset().unwrap();
     harness::wait_for(
         "the source link to stream again",
         Duration::from_secs(60),
@@ -704,12 +699,7 @@ fn connectors_stop_promptly_when_the_broker_is_gone() {
     for i in 0..200 {
         exec(&mut conn, &[b"RPUSH", b"during", i.to_string().as_bytes()]);
     }
-    let written: f64 = p
-        .source
-        .info_field("replication", "master_repl_offset")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let written = p.source.repl_offset().unwrap();
     harness::wait_for(
         "the source connector to read the writes made without a broker",
         Duration::from_secs(30),

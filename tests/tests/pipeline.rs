@@ -117,12 +117,7 @@ fn standalone_to_standalone_every_type() {
     live_writes(&mut p.source.conn());
     // The runbook's cut-over check: once every lane reports a caught-up offset at or past the
     // source's offset after the last write, the target holds everything, with no further wait.
-    let cut_over: f64 = p
-        .source
-        .info_field("replication", "master_repl_offset")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let cut_over = p.source.repl_offset().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     for partition in 0..p.options.partitions {
         let partition = partition.to_string();
