@@ -195,26 +195,12 @@ pub async fn run(
     // stays within about 64 MiB of records however many partitions it owns, while each
     // partition still gets enough to keep its lane busy.
     let queue_kbytes = (65536 / partitions.max(1)).clamp(1024, 16384).to_string();
-    // One fetch response is bounded by `fetch.max.bytes` (librdkafka defaults it to the queue
-    // bound, here up to 16 MiB), and a broker may hand all of it to the first partition with
-    // data. Compressed small records expand several times, so a catching-up sink held hundreds
-    // of MB of fresh memory per fetch round; 2 MiB keeps each response small (a bigger single
-    // record still comes through: the limit is soft). librdkafka wants it >= message.max.bytes.
-    let fetch_max_bytes = cfg
-        .kafka
-        .properties
-        .get("message.max.bytes")
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        .max(2 << 20)
-        .to_string();
     let mut c = service::kafka::client_config(
         &cfg.kafka.bootstrap_servers,
         &[
             ("auto.offset.reset", "earliest"),
             ("queued.max.messages.kbytes", &queue_kbytes),
             ("queued.min.messages", "20000"),
-            ("fetch.max.bytes", &fetch_max_bytes),
             ("fetch.wait.max.ms", "10"),
             ("socket.timeout.ms", "10000"),
             ("session.timeout.ms", "6000"),
