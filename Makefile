@@ -18,7 +18,9 @@ soak:   ## 10 minutes of mixed workload with random faults, then an exact compar
 reliability: ## the table of docs/reliability.md from the last fault-test runs
 	scripts/reliability-report.sh
 fuzz:   ## fuzz the rdb and resp decoders (needs cargo-fuzz and nightly)
-	cd source-connector && cargo +nightly fuzz run -s none rdb -- -runs=10000000 && cargo +nightly fuzz run -s none resp -- -runs=10000000
+	cd source-connector && mkdir -p fuzz/corpus/rdb fuzz/corpus/resp && \
+	  cargo +nightly fuzz run -s none rdb fuzz/corpus/rdb fuzz/seeds/rdb -- -runs=10000000 && \
+	  cargo +nightly fuzz run -s none resp fuzz/corpus/resp fuzz/seeds/resp -- -runs=10000000
 lint:   ## formatting and clippy, as CI checks them
 	cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
 fmt:
