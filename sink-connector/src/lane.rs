@@ -26,7 +26,7 @@ use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::Value;
 use service::http::Health;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -126,10 +126,6 @@ pub struct Lane {
     expect_next: Option<i64>,
     /// A seek back to `expect_next` is under way: later messages are dropped until it lands.
     rewinding: bool,
-    /// Cluster targets: slots found holding less than this lane applied to them (their master
-    /// lost writes). The next load starts no later than this offset, the oldest of those slots'
-    /// checkpoints.
-    refill_from: Option<i64>,
     control: watch::Receiver<bool>,
     /// Per-record metrics, registered once.
     skipped_duplicates: metrics::Counter,
@@ -172,7 +168,6 @@ impl Lane {
             slot_applied: HashMap::new(),
             batch_slot: None,
             expect_next: None,
-            refill_from: None,
             rewinding: false,
             control,
         })
@@ -269,7 +264,6 @@ impl Lane {
         self.target.verified();
         self.applied = stored.positions.into_iter().collect();
         self.kafka_applied = stored.kafka_offset;
-        self.slot_applied.clear();
         self.rewinding = false;
         self.expect_next = match stored.kafka_offset {
             Some(offset) => Some(offset + 1),
@@ -289,12 +283,13 @@ impl Lane {
             // Written by a version without `kafka:offset`: trust the committed offset.
             None => None,
         };
-        if self.target.is_cluster() && !stored.slots.is_empty() {
-            if let Some(from) = self.lost_while_away(&stored.slots).await? {
-                self.refill_from = Some(self.refill_from.map_or(from, |f| f.min(from)));
-            }
-        }
-        if let Some(from) = self.refill_from.take() {
+        let refill = if self.target.is_cluster() {
+            self.lost_slots(&stored.slots).await?
+        } else {
+            self.slot_applied.clear();
+            None
+        };
+        if let Some(from) = refill {
             self.expect_next = Some(self.expect_next.map_or(from, |e| e.min(from)));
         }
         tracing::info!(
@@ -327,7 +322,7 @@ impl Lane {
                 "reconnected to the cluster target {}: reloading the checkpoints it holds",
                 self.target.address()
             );
-            self.refill_from = self.lost_slots().await?;
+            // The reload finds the slots that lost writes (`lost_slots`).
             return Err(Stop::Rewind);
         }
         let stored = self.read_checkpoint(self.key.clone()).await?;
@@ -374,26 +369,36 @@ impl Lane {
         Err(Stop::Rewind)
     }
 
-    /// Cluster targets: the slots this lane wrote to that now hold less than it applied (a
-    /// master restarted without persistence, or a replica promoted before it had the last
-    /// writes). Returns the Kafka offset to apply them again from: after the oldest of their
-    /// checkpoints, or the partition's start for a slot whose checkpoint is gone.
-    async fn lost_slots(&mut self) -> Result<Option<i64>, Stop> {
-        let known: Vec<(u16, HashMap<String, Position>)> = self
-            .slot_applied
-            .iter()
-            .filter(|(_, held)| !held.is_empty())
-            .map(|(slot, held)| (*slot, held.clone()))
-            .collect();
+    /// Cluster targets, when the lane (re)loads: the slots that hold less than this lane applied
+    /// to them (a master restarted without persistence, or a replica promoted before it had the
+    /// last writes). The lane knows it from what it applied since it last loaded
+    /// (`slot_applied`), and from the `slot:<n>` fields of the partition checkpoint (`recorded`:
+    /// the Kafka offset each slot's checkpoint reached), which also reveal a loss while no lane
+    /// was connected. Returns the Kafka offset to apply them again from: after the oldest of
+    /// their checkpoints, or the partition's start for a slot whose checkpoint is gone. Leaves
+    /// `slot_applied` as the target holds it for the slots read.
+    async fn lost_slots(&mut self, recorded: &[(u16, i64)]) -> Result<Option<i64>, Stop> {
+        // Per slot: the positions applied since the last load, and the recorded offset.
+        let mut knew: BTreeMap<u16, (HashMap<String, Position>, Option<i64>)> = BTreeMap::new();
+        for (slot, applied) in std::mem::take(&mut self.slot_applied) {
+            if !applied.is_empty() {
+                knew.entry(slot).or_default().0 = applied;
+            }
+        }
+        for &(slot, reached) in recorded {
+            knew.entry(slot).or_default().1 = Some(reached);
+        }
         let mut from: Option<i64> = None;
         let mut lost = Vec::new();
-        for (slot, knew) in known {
+        for (slot, (applied, reached)) in knew {
             let stored = self.read_checkpoint(self.slot_key(slot)).await?;
             let held: HashMap<String, Position> = stored.positions.into_iter().collect();
-            if !knew
+            let behind = applied
                 .iter()
                 .any(|(shard, p)| held.get(shard).is_none_or(|h| h < p))
-            {
+                || reached.is_some_and(|r| stored.kafka_offset.is_none_or(|h| h < r));
+            self.slot_applied.insert(slot, held);
+            if !behind {
                 continue;
             }
             let start = self.refill_start(slot, stored.kafka_offset).await?;
@@ -403,39 +408,7 @@ impl Lane {
         if let Some(offset) = from {
             tracing::error!(
                 partition = self.partition,
-                "target {} lost writes this lane had applied to slots {lost:?} (a master restarted without persistence or a replica was promoted before it had them): applying them again from partition offset {offset}",
-                self.target.address(),
-            );
-            counter!("sink_target_slots_lost_total", "partition" => self.label.clone())
-                .increment(lost.len() as u64);
-        }
-        Ok(from)
-    }
-
-    /// Cluster targets, when the lane starts: the slots whose own checkpoint holds less than
-    /// the partition's checkpoint recorded for them (`slot:<n>` fields), which lost writes while
-    /// no lane was connected (a master restarted without persistence, a lagging replica
-    /// promoted). Returns the Kafka offset to apply them again from, as `lost_slots` does. The
-    /// slot checkpoints read here also prime `slot_applied`.
-    async fn lost_while_away(&mut self, recorded: &[(u16, i64)]) -> Result<Option<i64>, Stop> {
-        let mut from: Option<i64> = None;
-        let mut lost = Vec::new();
-        for &(slot, reached) in recorded {
-            let stored = self.read_checkpoint(self.slot_key(slot)).await?;
-            let held = stored.kafka_offset;
-            self.slot_applied
-                .insert(slot, stored.positions.into_iter().collect());
-            if held.is_some_and(|h| h >= reached) {
-                continue;
-            }
-            let start = self.refill_start(slot, held).await?;
-            from = Some(from.map_or(start, |f: i64| f.min(start)));
-            lost.push((slot, held, reached));
-        }
-        if let Some(offset) = from {
-            tracing::error!(
-                partition = self.partition,
-                "target {} lost writes to {} slots while no sink was connected (slot, offset it holds, offset it had reached: {:?}): a master restarted without persistence or a lagging replica was promoted; applying them again from partition offset {offset}",
+                "target {} lost writes this lane had applied to {} slots {:?} (a master restarted without persistence or a replica was promoted before it had them, maybe while no sink was connected): applying them again from partition offset {offset}",
                 self.target.address(),
                 lost.len(),
                 &lost[..lost.len().min(10)],

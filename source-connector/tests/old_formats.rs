@@ -198,20 +198,16 @@ fn old_encodings_restore_on_a_real_server() {
     };
     assert_eq!(get(&mut conn, "lzf"), "abcabcabc");
     assert_eq!(get(&mut conn, "int16"), "-300");
-    let list: Vec<String> = redis::cmd("LRANGE")
-        .arg("ziplist")
-        .arg(0)
-        .arg(-1)
-        .query(&mut conn)
-        .unwrap();
-    assert_eq!(list, ["x", "-3", "4"]);
-    let list: Vec<String> = redis::cmd("LRANGE")
-        .arg("linked")
-        .arg(0)
-        .arg(-1)
-        .query(&mut conn)
-        .unwrap();
-    assert_eq!(list, ["a", "7", "c"]);
+    let lrange = |conn: &mut redis::Connection, k: &str| -> Vec<String> {
+        redis::cmd("LRANGE")
+            .arg(k)
+            .arg(0)
+            .arg(-1)
+            .query(conn)
+            .unwrap()
+    };
+    assert_eq!(lrange(&mut conn, "ziplist"), ["x", "-3", "4"]);
+    assert_eq!(lrange(&mut conn, "linked"), ["a", "7", "c"]);
     let hash: Vec<String> = redis::cmd("HGETALL")
         .arg("zipmap")
         .query(&mut conn)
