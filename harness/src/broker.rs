@@ -159,6 +159,38 @@ impl Broker {
         )
     }
 
+    /// Deletes every record of each partition of `topic` below its current high watermark, as
+    /// retention would, and returns the new low watermarks.
+    pub fn delete_all_records(&self, topic: &str) -> anyhow::Result<Vec<i64>> {
+        use rdkafka::{Offset, TopicPartitionList};
+        let consumer: BaseConsumer = self.client_config().create()?;
+        let partitions = self
+            .partition_count(topic)
+            .ok_or_else(|| anyhow::anyhow!("topic {topic} not found"))?;
+        let mut list = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5))?;
+            list.add_partition_offset(topic, p, Offset::Offset(high))?;
+        }
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let deleted = rt.block_on(admin.delete_records(&list, &AdminOptions::new()))?;
+        deleted
+            .elements()
+            .iter()
+            .map(|e| {
+                e.error().map_err(|err| {
+                    anyhow::anyhow!("delete records of partition {}: {err}", e.partition())
+                })?;
+                e.offset().to_raw().ok_or_else(|| {
+                    anyhow::anyhow!("no low watermark for partition {}", e.partition())
+                })
+            })
+            .collect()
+    }
+
     /// The topic's partition count, from metadata.
     pub fn partition_count(&self, topic: &str) -> Option<u32> {
         let consumer: BaseConsumer = self.client_config().create().ok()?;

@@ -55,6 +55,9 @@ pub trait Partitions: Send + Sync {
 /// Field of the checkpoint hash with the Kafka offset of the last message its data covers.
 const KAFKA_OFFSET_FIELD: &str = "kafka:offset";
 
+/// Seeks back to a missing offset after which the lane accepts that it holds no record.
+const MAX_SEEKS: u32 = 5;
+
 /// Cluster targets: prefix of the partition checkpoint's fields that record, per slot the lane
 /// wrote to, the Kafka offset that slot's own checkpoint reached (`slot:<n>`). A slot whose
 /// checkpoint holds less lost writes, even when that happened while no sink was running.
@@ -121,11 +124,15 @@ pub struct Lane {
     /// Cluster targets: the slot whose records are being flushed; their checkpoint goes to that
     /// slot's hash instead of the partition's.
     batch_slot: Option<u16>,
-    /// After (re)loading the checkpoint: the first message must be at or below this offset,
-    /// or messages were committed that the target does not hold and the lane seeks back.
+    /// The offset the next message must not exceed. Set at (re)load from what the target holds
+    /// (messages past it were committed but the target does not hold them) and then advanced by
+    /// every message (offsets of this topic are contiguous: a message past it means the consumer
+    /// skipped some). Either way the lane seeks back; see [`Lane::offsets_missing`].
     expect_next: Option<i64>,
-    /// A seek back to `expect_next` is under way: later messages are dropped until it lands.
-    rewinding: bool,
+    /// Whether no message was processed since the last (re)load.
+    just_loaded: bool,
+    /// Seeks back to `expect_next` made since a message at or below it last arrived.
+    seeks: u32,
     control: watch::Receiver<bool>,
     /// Per-record metrics, registered once.
     skipped_duplicates: metrics::Counter,
@@ -168,7 +175,8 @@ impl Lane {
             slot_applied: HashMap::new(),
             batch_slot: None,
             expect_next: None,
-            rewinding: false,
+            just_loaded: false,
+            seeks: 0,
             control,
         })
     }
@@ -264,7 +272,8 @@ impl Lane {
         self.target.verified();
         self.applied = stored.positions.into_iter().collect();
         self.kafka_applied = stored.kafka_offset;
-        self.rewinding = false;
+        self.just_loaded = true;
+        self.seeks = 0;
         self.expect_next = match stored.kafka_offset {
             Some(offset) => Some(offset + 1),
             // Nothing of this partition in the target: it must see the partition from its start
@@ -436,26 +445,84 @@ impl Lane {
             })
     }
 
-    /// The first message after a (re)load is past what the target holds: seek back.
-    async fn rewind_to(&mut self, offset: i64, seen: i64) -> Result<(), Stop> {
-        tracing::warn!(
-            partition = self.partition,
-            "the consumer is at offset {seen} but the target holds this partition only up to offset {}: seeking back to {offset}",
-            offset - 1
-        );
+    /// A message at `seen` arrived where the lane expected `expected` or less. Returns whether
+    /// the lane sought back (the rest of the batch was fetched before the seek and is dropped),
+    /// or `false` when offsets `expected..seen` hold nothing and the lane goes on from `seen`.
+    ///
+    /// Right after a (re)load this means the consumer group committed past what the target
+    /// holds (it restarted without persistence, or failed over to a lagging replica). Later it
+    /// means the consumer skipped offsets. Seeking back is right in both cases unless the
+    /// offsets are gone: deleted by retention before the target got them (the target cannot be
+    /// made whole from this topic: the lane halts), or never held a record (transaction markers,
+    /// compaction; nothing to apply: the lane goes on once seeks keep landing past them).
+    async fn offsets_missing(&mut self, expected: i64, seen: i64) -> Result<bool, Stop> {
         let partitions = Arc::clone(&self.env.partitions);
         let partition = self.partition;
-        match blocking(move || partitions.seek(partition, offset)).await {
-            Ok(()) => {
-                counter!("sink_rewinds_total", "partition" => self.label.clone()).increment(1);
-                self.rewinding = true;
-                Ok(())
+        match blocking(move || partitions.low_watermark(partition)).await {
+            Ok(low) if low > expected => {
+                return Err(self.halt(&format!(
+                    "topic {} partition {partition}: offsets {expected}..{} were deleted (the partition now starts at {low}) before the target applied them, so the target misses their writes; retention is too short for this sink's downtime: resynchronise (see the runbook, \"records deleted before the sink applied them\")",
+                    self.env.topic,
+                    low - 1
+                )));
             }
+            Ok(_) => {}
             Err(e) => {
-                tracing::warn!(partition, "seek to offset {offset} failed ({e}); retrying");
-                self.pause(Duration::from_secs(1)).await
+                tracing::warn!(
+                    partition,
+                    "cannot read the partition's oldest offset ({e}); retrying"
+                );
+                self.pause(Duration::from_secs(1)).await?;
+                return Ok(true);
             }
         }
+        if self.seeks >= MAX_SEEKS {
+            tracing::warn!(
+                partition,
+                "offsets {expected}..{} hold no record ({MAX_SEEKS} seeks back to {expected} over 8 s landed at {seen}: transaction markers or compaction); going on from {seen}",
+                seen - 1
+            );
+            counter!("sink_offsets_absent_total", "partition" => self.label.clone())
+                .increment(u64::try_from(seen - expected).unwrap_or(0));
+            self.seeks = 0;
+            return Ok(false);
+        }
+        if self.seeks == 0 {
+            if self.just_loaded {
+                tracing::warn!(
+                    partition,
+                    "the consumer is at offset {seen} but the target holds this partition only up to offset {}: seeking back to {expected}",
+                    expected - 1
+                );
+                counter!("sink_rewinds_total", "partition" => self.label.clone()).increment(1);
+            } else {
+                tracing::error!(
+                    partition,
+                    "the consumer delivered offset {seen} after {}: seeking back to {expected} to apply what it skipped",
+                    expected - 1
+                );
+                counter!("sink_offset_gaps_total", "partition" => self.label.clone()).increment(1);
+            }
+        }
+        if self.seeks > 0 {
+            // The records may still be on their way into the broker's storage (a broker that
+            // shows a partition's end before it stores the records below it): wait longer
+            // before each new look, 0.1 s up to 6.4 s, about 8.5 s in all.
+            self.pause(Duration::from_millis(100 << (2 * (self.seeks - 1))))
+                .await?;
+        }
+        let partitions = Arc::clone(&self.env.partitions);
+        match blocking(move || partitions.seek(partition, expected)).await {
+            Ok(()) => self.seeks += 1,
+            Err(e) => {
+                tracing::warn!(
+                    partition,
+                    "seek to offset {expected} failed ({e}); retrying"
+                );
+                self.pause(Duration::from_secs(1)).await?;
+            }
+        }
+        Ok(true)
     }
 
     fn is_applied(&self, shard: &str, p: Position) -> bool {
@@ -524,17 +591,16 @@ impl Lane {
         let mut snapshots_ended: Vec<(String, u64)> = Vec::new();
         let count = messages.len();
         for message in messages {
-            if let Some(expected) = self.expect_next {
-                if message.offset() > expected {
-                    // Committed past what the target holds, or left over from before a seek.
-                    if !self.rewinding {
-                        self.rewind_to(expected, message.offset()).await?;
-                    }
-                    continue;
+            if let Some(expected) = self.expect_next.filter(|e| message.offset() > *e) {
+                if self.offsets_missing(expected, message.offset()).await? {
+                    break;
                 }
-                self.expect_next = None;
-                self.rewinding = false;
             }
+            if self.expect_next.is_some_and(|e| message.offset() <= e) {
+                self.seeks = 0;
+            }
+            self.expect_next = Some(message.offset() + 1);
+            self.just_loaded = false;
             last_offset = Some(message.offset());
             let content_type = message.header(wire::HEADER_CONTENT_TYPE);
             let record = match wire::decode_buf(content_type, message.payload()) {
@@ -694,6 +760,13 @@ impl Lane {
             self.caught_up(&shard, position, capture_ms);
         }
         histogram!("sink_batch_records", "partition" => self.label.clone()).record(count as f64);
+        // Messages that applied nothing (heartbeats, replays, filtered records) move the
+        // checkpoint's partition offset too (on an idle source about once a second): a restart
+        // then does not go back over them, and once retention deletes them they are not taken
+        // for records the target misses.
+        if let Some(offset) = last_offset.filter(|o| self.kafka_applied < Some(*o)) {
+            self.write_checkpoint(&[], offset).await?;
+        }
         if let Some(offset) = last_offset {
             self.env.partitions.commit(self.partition, offset);
             gauge!("sink_consumed_offset", "partition" => self.label.clone()).set(offset as f64);
@@ -793,11 +866,17 @@ impl Lane {
         position: Position,
         kafka_offset: i64,
     ) -> Result<(), Stop> {
-        let op = self.checkpoint_op(
-            self.batch_key(),
-            &[(shard.to_owned(), position)],
-            Some(kafka_offset),
-        );
+        self.write_checkpoint(&[(shard.to_owned(), position)], kafka_offset)
+            .await
+    }
+
+    /// Writes `positions` and the partition offset they reach to the checkpoint, alone.
+    async fn write_checkpoint(
+        &mut self,
+        positions: &[(String, Position)],
+        kafka_offset: i64,
+    ) -> Result<(), Stop> {
+        let op = self.checkpoint_op(self.batch_key(), positions, Some(kafka_offset));
         match self.apply(&[op]).await {
             Ok(()) | Err(ApplyFailure::Continue) => {}
             Err(ApplyFailure::Stop(s)) => return Err(s),
@@ -805,7 +884,7 @@ impl Lane {
                 return Err(self.halt(&format!("cannot write the checkpoint: {error}")))
             }
         }
-        self.note_applied(vec![(shard.to_owned(), position)]);
+        self.note_applied(positions.to_vec());
         self.kafka_applied = Some(kafka_offset);
         Ok(())
     }

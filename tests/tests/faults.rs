@@ -831,3 +831,69 @@ fn network_faults_between_connectors_and_kafka() {
     );
     assert!(writes > 500, "the workload ran ({writes} rounds)");
 }
+
+/// Records deleted from the topic before the target applied them (retention shorter than the
+/// sink's downtime). Deleted records that applied nothing (the heartbeats of an idle source the
+/// sink had read) change nothing: the sink goes on. Deleted records it never applied halt every
+/// lane that misses some, with an error naming the offsets, instead of going on without them
+/// (before, such a lane sought back forever and dropped everything it read).
+#[test]
+fn records_deleted_before_the_sink_applied_them_halt_the_lane() {
+    let mut p = Pipeline::start(Options::default()).unwrap();
+    ordered_writes(&p.source, 1, 500);
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+
+    // Idle: the sink reads the last heartbeats, then everything the topic holds is deleted.
+    p.source_connector.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    p.sink.stop();
+    p.broker.delete_all_records(&p.topic).unwrap();
+    p.sink.restart().unwrap();
+    p.source_connector.restart().unwrap();
+    ordered_writes(&p.source, 2, 500);
+    p.wait_equal(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
+    let (status, body) = p.sink.http_get("/health").unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // Writes the sink never read, deleted.
+    p.sink.stop();
+    ordered_writes(&p.source, 3, 500);
+    let written = p.source.repl_offset().unwrap();
+    harness::wait_for("Kafka to hold the writes", Duration::from_secs(60), || {
+        let acked = p.source_connector.metric("source_offset_acked", &[])?;
+        (acked >= written).then_some(())
+    })
+    .unwrap();
+    let lows = p.broker.delete_all_records(&p.topic).unwrap();
+    p.sink.restart().unwrap();
+    // 71 keys spread over the 4 partitions: every partition had writes deleted.
+    for partition in 0..4 {
+        harness::wait_for("the lane to halt", Duration::from_secs(30), || {
+            let halted = p
+                .sink
+                .metric("sink_lane_halted", &[("partition", &partition.to_string())])?;
+            (halted == 1.0).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
+    }
+    let log = p.sink.log();
+    for (partition, low) in lows.iter().enumerate() {
+        let what = format!("partition {partition}: offsets ");
+        let line = log
+            .lines()
+            .find(|l| l.contains(&what) && l.contains("were deleted"))
+            .unwrap_or_else(|| panic!("no error for partition {partition}\n{log}"));
+        assert!(
+            line.contains(&format!("(the partition now starts at {low})")),
+            "{line}"
+        );
+    }
+    let (status, body) = p.sink.http_get("/health").unwrap();
+    assert_eq!(status, 503, "{body}");
+    // The target holds rounds 1 and 2 whole and nothing of round 3.
+    for list in 0..20 {
+        let len: i64 = p.target.cmd(&["LLEN", &format!("l:{list}")]).unwrap();
+        assert_eq!(len, 50, "l:{list}");
+    }
+}
