@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                     producer.poll(Duration::ZERO);
-                    if pace > 0 && n % pace == 0 {
+                    if pace > 0 && n.is_multiple_of(pace) {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                 }
