@@ -87,6 +87,14 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
         3 * 1500 + 150,
         recovery,
     );
+    // Shards share partitions here, so the test broker sometimes hands the sink a later batch
+    // first (docs/reliability.md); the lanes seek back. Shown, not asserted: it is a race.
+    eprintln!(
+        "offset gaps the sink sought back over: {}",
+        (0..16)
+            .filter_map(|p| sink.metric("sink_offset_gaps_total", &[("partition", &p.to_string())]))
+            .fold(0.0, |a, b| a + b)
+    );
     harness::wait_for(
         "the shard's link to move to the promoted master",
         Duration::from_secs(30),
