@@ -479,7 +479,7 @@ impl Lane {
         if self.seeks >= MAX_SEEKS {
             tracing::warn!(
                 partition,
-                "offsets {expected}..{} hold no record ({MAX_SEEKS} seeks back to {expected} over 8 s landed at {seen}: transaction markers or compaction); going on from {seen}",
+                "offsets {expected}..{} hold no record ({MAX_SEEKS} seeks back to {expected} landed at {seen}: transaction markers or compaction); going on from {seen}",
                 seen - 1
             );
             counter!("sink_offsets_absent_total", "partition" => self.label.clone())
@@ -503,13 +503,6 @@ impl Lane {
                 );
                 counter!("sink_offset_gaps_total", "partition" => self.label.clone()).increment(1);
             }
-        }
-        if self.seeks > 0 {
-            // The records may still be on their way into the broker's storage (a broker that
-            // shows a partition's end before it stores the records below it): wait longer
-            // before each new look, 0.1 s up to 6.4 s, about 8.5 s in all.
-            self.pause(Duration::from_millis(100 << (2 * (self.seeks - 1))))
-                .await?;
         }
         let partitions = Arc::clone(&self.env.partitions);
         match blocking(move || partitions.seek(partition, expected)).await {
