@@ -159,18 +159,28 @@ impl Broker {
         )
     }
 
-    /// Deletes every record of each partition of `topic` below its current high watermark, as
-    /// retention would, and returns the new low watermarks.
-    pub fn delete_all_records(&self, topic: &str) -> anyhow::Result<Vec<i64>> {
-        use rdkafka::{Offset, TopicPartitionList};
+    /// The offset after the last message of each partition of `topic`, by partition.
+    pub fn high_watermarks(&self, topic: &str) -> anyhow::Result<Vec<i64>> {
         let consumer: BaseConsumer = self.client_config().create()?;
         let partitions = self
             .partition_count(topic)
             .ok_or_else(|| anyhow::anyhow!("topic {topic} not found"))?;
+        (0..partitions as i32)
+            .map(|p| {
+                Ok(consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(5))?
+                    .1)
+            })
+            .collect()
+    }
+
+    /// Deletes every record of each partition of `topic` below its current high watermark, as
+    /// retention would, and returns the new low watermarks.
+    pub fn delete_all_records(&self, topic: &str) -> anyhow::Result<Vec<i64>> {
+        use rdkafka::{Offset, TopicPartitionList};
         let mut list = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5))?;
-            list.add_partition_offset(topic, p, Offset::Offset(high))?;
+        for (p, high) in self.high_watermarks(topic)?.into_iter().enumerate() {
+            list.add_partition_offset(topic, p as i32, Offset::Offset(high))?;
         }
         let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -131,7 +131,7 @@ pub struct Lane {
     expect_next: Option<i64>,
     /// Whether no message was processed since the last (re)load.
     just_loaded: bool,
-    /// Seeks back to `expect_next` made since a message at or below it last arrived.
+    /// Seeks back to `expect_next` made since a message was last taken.
     seeks: u32,
     control: watch::Receiver<bool>,
     /// Per-record metrics, registered once.
@@ -589,9 +589,7 @@ impl Lane {
                     break;
                 }
             }
-            if self.expect_next.is_some_and(|e| message.offset() <= e) {
-                self.seeks = 0;
-            }
+            self.seeks = 0;
             self.expect_next = Some(message.offset() + 1);
             self.just_loaded = false;
             last_offset = Some(message.offset());

@@ -845,7 +845,30 @@ fn records_deleted_before_the_sink_applied_them_halt_the_lane() {
 
     // Idle: the sink reads the last heartbeats, then everything the topic holds is deleted.
     p.source_connector.stop();
-    std::thread::sleep(Duration::from_secs(3));
+    let highs = p.broker.high_watermarks(&p.topic).unwrap();
+    harness::wait_for(
+        "the sink to read every message",
+        Duration::from_secs(30),
+        || {
+            highs
+                .iter()
+                .enumerate()
+                .all(|(partition, high)| {
+                    let label = partition.to_string();
+                    p.sink
+                        .metric("sink_consumed_offset", &[("partition", &label)])
+                        == Some(*high as f64 - 1.0)
+                })
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}
+{}",
+            p.sink.log()
+        )
+    });
     p.sink.stop();
     p.broker.delete_all_records(&p.topic).unwrap();
     p.sink.restart().unwrap();
