@@ -46,8 +46,8 @@ pub enum Stop {
 pub trait Partitions: Send + Sync {
     /// Marks `offset` of `partition` as applied, for the next offset commit.
     fn commit(&self, partition: i32, offset: i64);
-    /// The oldest offset the partition still holds.
-    fn low_watermark(&self, partition: i32) -> Result<i64, String>;
+    /// The oldest offset the partition still holds, and the offset after its newest.
+    fn watermarks(&self, partition: i32) -> Result<(i64, i64), String>;
     /// Makes the partition's next message the one at `offset`.
     fn seek(&self, partition: i32, offset: i64) -> Result<(), String>;
 }
@@ -57,6 +57,9 @@ const KAFKA_OFFSET_FIELD: &str = "kafka:offset";
 
 /// Seeks back to a missing offset after which the lane accepts that it holds no record.
 const MAX_SEEKS: u32 = 5;
+
+/// How long a lane waits for a message before it asks whether the partition holds any.
+const STARVED_AFTER: Duration = Duration::from_secs(30);
 
 /// Cluster targets: prefix of the partition checkpoint's fields that record, per slot the lane
 /// wrote to, the Kafka offset that slot's own checkpoint reached (`slot:<n>`). A slot whose
@@ -133,6 +136,9 @@ pub struct Lane {
     just_loaded: bool,
     /// Seeks back to `expect_next` made since a message was last taken.
     seeks: u32,
+    /// Since when the partition has held records past `expect_next` that the consumer does not
+    /// deliver (see [`Lane::starved`]).
+    starved_since: Option<Instant>,
     control: watch::Receiver<bool>,
     /// Per-record metrics, registered once.
     skipped_duplicates: metrics::Counter,
@@ -177,6 +183,7 @@ impl Lane {
             expect_next: None,
             just_loaded: false,
             seeks: 0,
+            starved_since: None,
             control,
         })
     }
@@ -281,7 +288,7 @@ impl Lane {
             None if !stored.exists => {
                 let partitions = Arc::clone(&self.env.partitions);
                 let partition = self.partition;
-                match blocking(move || partitions.low_watermark(partition)).await {
+                match blocking(move || partitions.watermarks(partition).map(|(low, _)| low)).await {
                     Ok(low) => Some(low),
                     Err(e) => {
                         tracing::warn!(partition, "cannot read the partition's oldest offset ({e}); starting from the committed offset");
@@ -436,7 +443,7 @@ impl Lane {
         }
         let partitions = Arc::clone(&self.env.partitions);
         let partition = self.partition;
-        blocking(move || partitions.low_watermark(partition))
+        blocking(move || partitions.watermarks(partition).map(|(low, _)| low))
             .await
             .map_err(|e| {
                 self.halt(&format!(
@@ -458,7 +465,7 @@ impl Lane {
     async fn offsets_missing(&mut self, expected: i64, seen: i64) -> Result<bool, Stop> {
         let partitions = Arc::clone(&self.env.partitions);
         let partition = self.partition;
-        match blocking(move || partitions.low_watermark(partition)).await {
+        match blocking(move || partitions.watermarks(partition).map(|(low, _)| low)).await {
             Ok(low) if low > expected => {
                 return Err(self.halt(&format!(
                     "topic {} partition {partition}: offsets {expected}..{} were deleted (the partition now starts at {low}) before the target applied them, so the target misses their writes; retention is too short for this sink's downtime: resynchronise (see the runbook, \"records deleted before the sink applied them\")",
@@ -516,6 +523,48 @@ impl Lane {
             }
         }
         Ok(true)
+    }
+
+    /// Called each time the lane has waited [`STARVED_AFTER`] for a message. Waiting is normal
+    /// when the partition holds nothing past the lane's position; when it does, the consumer is
+    /// not getting records the broker says it has (a broker that cannot answer a fetch within
+    /// `fetch.wait.max.ms`, a network that drops fetch responses): warned once per episode, and
+    /// `sink_fetch_starved` is 1 until a message arrives.
+    async fn starved(&mut self) {
+        let Some(next) = self.expect_next else {
+            return;
+        };
+        let partitions = Arc::clone(&self.env.partitions);
+        let partition = self.partition;
+        let high = match blocking(move || partitions.watermarks(partition)).await {
+            Ok((_, high)) => high,
+            Err(e) => {
+                tracing::debug!(partition, "cannot read the partition's watermarks: {e}");
+                return;
+            }
+        };
+        if high <= next || self.starved_since.is_some() {
+            return;
+        }
+        self.starved_since = Some(Instant::now());
+        tracing::warn!(
+            partition,
+            "partition {partition}: no message for {STARVED_AFTER:?} although the partition holds offsets {next}..{}: the broker is not delivering them (a fetch it cannot answer within fetch.wait.max.ms? see the runbook, \"a lane receives nothing\")",
+            high - 1
+        );
+        gauge!("sink_fetch_starved", "partition" => self.label.clone()).set(1.0);
+    }
+
+    /// A message arrived: ends a starvation episode.
+    fn fed(&mut self) {
+        if let Some(since) = self.starved_since.take() {
+            tracing::info!(
+                partition = self.partition,
+                "messages arrive again (none had come for {:?})",
+                since.elapsed() + STARVED_AFTER
+            );
+            gauge!("sink_fetch_starved", "partition" => self.label.clone()).set(0.0);
+        }
     }
 
     fn is_applied(&self, shard: &str, p: Position) -> bool {
@@ -1609,7 +1658,12 @@ pub async fn run(
                     result = Err(Stop::Revoked);
                     break;
                 }
+                _ = tokio::time::sleep(STARVED_AFTER) => {
+                    lane.starved().await;
+                    continue;
+                }
             };
+            lane.fed();
             let mut messages = Vec::new();
             match first {
                 Ok(m) => messages.push(Incoming::new(&m)),

@@ -123,10 +123,9 @@ impl lane::Partitions for ConsumerPartitions {
         lane::store_offset(&*self.consumer, &self.topic, partition, offset)
     }
 
-    fn low_watermark(&self, partition: i32) -> Result<i64, String> {
+    fn watermarks(&self, partition: i32) -> Result<(i64, i64), String> {
         self.consumer
             .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
-            .map(|(low, _)| low)
             .map_err(|e| e.to_string())
     }
 
@@ -201,7 +200,7 @@ pub async fn run(
             ("auto.offset.reset", "earliest"),
             ("queued.max.messages.kbytes", &queue_kbytes),
             ("queued.min.messages", "20000"),
-            ("fetch.wait.max.ms", "10"),
+            ("fetch.wait.max.ms", "100"),
             ("socket.timeout.ms", "10000"),
             ("session.timeout.ms", "6000"),
             ("heartbeat.interval.ms", "1000"),

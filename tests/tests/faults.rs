@@ -920,3 +920,51 @@ fn records_deleted_before_the_sink_applied_them_halt_the_lane() {
         assert_eq!(len, 50, "l:{list}");
     }
 }
+
+#[test]
+fn a_lane_the_broker_does_not_feed_is_reported() {
+    let mut p = Pipeline::start(Options::default()).unwrap();
+    ordered_writes(&p.source, 1, 500);
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+
+    // The test broker answers every fetch with nothing when told not to wait at all (it reads
+    // storage only within the fetch's wait): the consumer gets no message while the partitions
+    // hold records past the lanes' positions.
+    p.sink.stop();
+    let config = std::fs::read_to_string(p.sink.config_path()).unwrap();
+    let starving = format!("{config}\n[kafka.properties]\n\"fetch.wait.max.ms\" = \"0\"\n");
+    std::fs::write(p.sink.config_path(), starving).unwrap();
+    ordered_writes(&p.source, 2, 500);
+    p.sink.restart().unwrap();
+    for partition in 0..4 {
+        harness::wait_for(
+            "the lane to report starvation",
+            Duration::from_secs(90),
+            || {
+                let starved = p.sink.metric(
+                    "sink_fetch_starved",
+                    &[("partition", &partition.to_string())],
+                )?;
+                (starved == 1.0).then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
+    }
+    let log = p.sink.log();
+    for partition in 0..4 {
+        let what = format!("partition {partition}: no message for 30s although");
+        assert!(
+            log.lines().any(|l| l.contains(&what)),
+            "no warning for partition {partition}\n{log}"
+        );
+    }
+    let (status, body) = p.sink.http_get("/health").unwrap();
+    assert_eq!(status, 200, "starving is not a failure of the sink: {body}");
+
+    // With the setting back, everything arrives.
+    p.sink.stop();
+    std::fs::write(p.sink.config_path(), config).unwrap();
+    p.sink.restart().unwrap();
+    p.wait_equal(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
+}
