@@ -1264,6 +1264,7 @@ impl Lane {
             self.query(&marker).await?;
             gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(1.0);
             let leader_key = checkpoint_key(&self.env.cfg, &self.env.topic, leader);
+            let mut waiting_logged = false;
             loop {
                 self.with_checkpoint_db().await?;
                 let mine = self.stored_position(self.key.clone(), shard).await?;
@@ -1279,6 +1280,10 @@ impl Lane {
                     }
                     let why = format!("the leading partition {leader} is already at {p}");
                     return self.abandon_barrier(shard, position, message, &why).await;
+                }
+                if !waiting_logged && started.elapsed() > Duration::from_secs(10) {
+                    waiting_logged = true;
+                    tracing::warn!(partition = self.partition, "barrier {position} has waited {:?} for partition {leader}, which leads it, to apply it (is that partition assigned to a running sink, and is its lane receiving?)", started.elapsed());
                 }
                 self.pause(Duration::from_millis(5)).await?;
             }
