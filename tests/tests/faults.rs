@@ -968,3 +968,79 @@ fn a_lane_the_broker_does_not_feed_is_reported() {
     p.wait_equal(Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
 }
+
+/// kill -9 of the sink at random points of a snapshot it applies slowly (rate-limited), while
+/// counters, lists and strings are written on the source: the target ends equal.
+#[test]
+fn sink_kill9_during_the_snapshot() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let source = RedisServer::start(RedisConfig::default()).unwrap();
+    {
+        let mut conn = source.conn();
+        for chunk in 0..200 {
+            let mut cmd = redis::cmd("MSET");
+            for i in 0..1000 {
+                cmd.arg(format!("snap:{chunk}:{i}"))
+                    .arg(format!("value-{chunk}-{i}"));
+            }
+            cmd.exec(&mut conn).unwrap();
+        }
+    }
+    let target =
+        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
+    // 200k keys at 10k commands/s: about 20 s of applying, longer than the kills below leave it.
+    let options = Options {
+        sink_apply: "max_ops_per_s = 10000".into(),
+        ..Options::default()
+    };
+    let mut p = Pipeline::start_with(source, target, options).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = std::sync::Arc::clone(&stop);
+        let mut conn = p.source.conn();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                counting_round(&mut conn, n, &n.to_string());
+                n += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            n
+        })
+    };
+    let kills: u32 = 5;
+    let mut during_snapshot = 0;
+    for _ in 0..kills {
+        harness::wait_for(
+            "the sink to apply snapshot keys",
+            Duration::from_secs(60),
+            || {
+                let keys = p.sink.metric("sink_snapshot_keys_total", &[])?;
+                (keys > 0.0).then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..1500)));
+        if p.sink.metric("sink_snapshot_applied_epoch", &[]).is_none() {
+            during_snapshot += 1;
+        }
+        p.sink.kill9();
+        p.sink.restart().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rounds = writer.join().unwrap();
+    let recovery = p
+        .recover(Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
+    eprintln!("{during_snapshot} of {kills} kills before any lane had applied the whole snapshot; {rounds} write rounds");
+    assert!(
+        during_snapshot > 0,
+        "no kill fell in the snapshot: the test proved nothing about it"
+    );
+    harness::pipeline::record_reliability(
+        "kill -9 of the sink during a 200k-key snapshot, with writes",
+        kills,
+        200_000 + rounds * 3,
+        recovery,
+    );
+}
