@@ -106,24 +106,29 @@ fn target_restart_during_an_oom_stall() {
     );
 }
 
+/// A source Redis holding `thousands` × 1000 string keys `snap:<chunk>:<i>`.
+fn source_with_keys(thousands: u32) -> RedisServer {
+    let source = RedisServer::start(RedisConfig::default()).unwrap();
+    let mut conn = source.conn();
+    for chunk in 0..thousands {
+        let mut cmd = redis::cmd("MSET");
+        for i in 0..1000 {
+            cmd.arg(format!("snap:{chunk}:{i}"))
+                .arg(format!("value-{chunk}-{i}"));
+        }
+        cmd.exec(&mut conn).unwrap();
+    }
+    drop(conn);
+    source
+}
+
 /// kill -9 of the source connector at random points of a large snapshot and of the stream:
 /// the target ends equal, and kills during streaming resume with PSYNC (no new full sync).
 #[test]
 fn source_kill9_during_snapshot_and_streaming() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
-    let source = RedisServer::start(RedisConfig::default()).unwrap();
-    {
-        let mut conn = source.conn();
-        // ~100k keys: a snapshot that takes a few seconds to publish.
-        for chunk in 0..100 {
-            let mut cmd = redis::cmd("MSET");
-            for i in 0..1000 {
-                cmd.arg(format!("snap:{chunk}:{i}"))
-                    .arg(format!("value-{chunk}-{i}"));
-            }
-            cmd.exec(&mut conn).unwrap();
-        }
-    }
+    // ~100k keys: a snapshot that takes a few seconds to publish.
+    let source = source_with_keys(100);
     let target =
         RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
     let mut p = Pipeline::start_with(source, target, Options::default()).unwrap();
@@ -974,18 +979,7 @@ fn a_lane_the_broker_does_not_feed_is_reported() {
 #[test]
 fn sink_kill9_during_the_snapshot() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
-    let source = RedisServer::start(RedisConfig::default()).unwrap();
-    {
-        let mut conn = source.conn();
-        for chunk in 0..200 {
-            let mut cmd = redis::cmd("MSET");
-            for i in 0..1000 {
-                cmd.arg(format!("snap:{chunk}:{i}"))
-                    .arg(format!("value-{chunk}-{i}"));
-            }
-            cmd.exec(&mut conn).unwrap();
-        }
-    }
+    let source = source_with_keys(200);
     let target =
         RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
     // 200k keys at 10k commands/s: about 20 s of applying, longer than the kills below leave it.
