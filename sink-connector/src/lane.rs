@@ -285,17 +285,13 @@ impl Lane {
             Some(offset) => Some(offset + 1),
             // Nothing of this partition in the target: it must see the partition from its start
             // (a target that lost everything, while the group's offsets moved on).
-            None if !stored.exists => {
-                let partitions = Arc::clone(&self.env.partitions);
-                let partition = self.partition;
-                match blocking(move || partitions.watermarks(partition).map(|(low, _)| low)).await {
-                    Ok(low) => Some(low),
-                    Err(e) => {
-                        tracing::warn!(partition, "cannot read the partition's oldest offset ({e}); starting from the committed offset");
-                        None
-                    }
+            None if !stored.exists => match self.watermarks().await {
+                Ok((low, _)) => Some(low),
+                Err(e) => {
+                    tracing::warn!(partition = self.partition, "cannot read the partition's oldest offset ({e}); starting from the committed offset");
+                    None
                 }
-            }
+            },
             // Written by a version without `kafka:offset`: trust the committed offset.
             None => None,
         };
@@ -441,10 +437,9 @@ impl Lane {
         if let Some(offset) = held {
             return Ok(offset + 1);
         }
-        let partitions = Arc::clone(&self.env.partitions);
-        let partition = self.partition;
-        blocking(move || partitions.watermarks(partition).map(|(low, _)| low))
+        self.watermarks()
             .await
+            .map(|(low, _)| low)
             .map_err(|e| {
                 self.halt(&format!(
                     "slot {slot} of the target lost its writes and the partition's oldest offset cannot be read: {e}"
@@ -463,10 +458,9 @@ impl Lane {
     /// made whole from this topic: the lane halts), or never held a record (transaction markers,
     /// compaction; nothing to apply: the lane goes on once seeks keep landing past them).
     async fn offsets_missing(&mut self, expected: i64, seen: i64) -> Result<bool, Stop> {
-        let partitions = Arc::clone(&self.env.partitions);
         let partition = self.partition;
-        match blocking(move || partitions.watermarks(partition).map(|(low, _)| low)).await {
-            Ok(low) if low > expected => {
+        match self.watermarks().await {
+            Ok((low, _)) if low > expected => {
                 return Err(self.halt(&format!(
                     "topic {} partition {partition}: offsets {expected}..{} were deleted (the partition now starts at {low}) before the target applied them, so the target misses their writes; retention is too short for this sink's downtime: resynchronise (see the runbook, \"records deleted before the sink applied them\")",
                     self.env.topic,
@@ -525,6 +519,14 @@ impl Lane {
         Ok(true)
     }
 
+    /// The partition's oldest offset and the offset after its newest (a consumer call, run on
+    /// the blocking pool).
+    async fn watermarks(&self) -> Result<(i64, i64), String> {
+        let partitions = Arc::clone(&self.env.partitions);
+        let partition = self.partition;
+        blocking(move || partitions.watermarks(partition)).await
+    }
+
     /// Called each time the lane has waited [`STARVED_AFTER`] for a message. Waiting is normal
     /// when the partition holds nothing past the lane's position; when it does, the consumer is
     /// not getting records the broker says it has (a broker that cannot answer a fetch within
@@ -534,9 +536,8 @@ impl Lane {
         let Some(next) = self.expect_next else {
             return;
         };
-        let partitions = Arc::clone(&self.env.partitions);
         let partition = self.partition;
-        let high = match blocking(move || partitions.watermarks(partition)).await {
+        let high = match self.watermarks().await {
             Ok((_, high)) => high,
             Err(e) => {
                 tracing::debug!(partition, "cannot read the partition's watermarks: {e}");

@@ -989,19 +989,7 @@ fn sink_kill9_during_the_snapshot() {
     };
     let mut p = Pipeline::start_with(source, target, options).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let stop = std::sync::Arc::clone(&stop);
-        let mut conn = p.source.conn();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                counting_round(&mut conn, n, &n.to_string());
-                n += 1;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            n
-        })
-    };
+    let writer = counting_writer(&p.source, &stop);
     let kills: u32 = 5;
     let mut during_snapshot = 0;
     for _ in 0..kills {
