@@ -1,0 +1,188 @@
+//! The sink alone, against `redis-benchmark -P 64 -t set` on the same target in the same run.
+//!
+//! The source connector publishes a burst of SETs once and is stopped; then the sink applies the
+//! whole topic RUNS times, each time into an emptied target under a new consumer group, and its
+//! rate is taken from its first applied record to its last. Between the runs the reference is
+//! measured again, so every ratio compares figures taken a few seconds apart.
+//!
+//! Run: `cargo run --release -p tests --example bench_sink -- [SETS] [RUNS]` after
+//! `cargo build --release --bins` (a release example runs the connectors of `target/release`).
+//! With `BENCH_PERF=FILE` the sink of the last run is recorded by
+//! `perf record --call-graph dwarf` into FILE.
+
+use harness::broker::{random_topic, Broker, Storage};
+use harness::connector::{Connector, Kind};
+use harness::pipeline::{sink_config, source_config, Options};
+use harness::redis::{RedisConfig, RedisServer};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let sets: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(500_000);
+    let runs: u32 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let target = RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction"))?;
+    let source = RedisServer::start(RedisConfig::default())?;
+    let broker = Broker::start(Storage::Memory)?;
+    let topic = random_topic("bench");
+    let options = Options::default();
+    let mut source_connector = Connector::start(
+        Kind::Source,
+        &source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )?;
+    // Streaming before the burst: its SETs are commands on the topic, not snapshot keys.
+    harness::wait_for(
+        "the snapshot to be acknowledged",
+        Duration::from_secs(60),
+        || {
+            let done = source_connector.metric("source_snapshot_progress_ratio", &[])? >= 1.0;
+            let ckpt = source_connector.metric("source_checkpoints_total", &[])? >= 2.0;
+            (done && ckpt).then_some(())
+        },
+    )?;
+    bench(source.port(), sets)?;
+    let written = source.repl_offset()?;
+    harness::wait_for("the burst to be in Kafka", Duration::from_secs(600), || {
+        source_connector
+            .metric("source_offset_acked", &[])
+            .is_some_and(|o| o >= written)
+            .then_some(())
+    })?;
+    source_connector.stop();
+    println!("{sets} SETs (100k distinct keys, 3-byte values) on topic {topic}");
+
+    let mut ratios = Vec::new();
+    for run in 1..=runs {
+        let reference = bench(target.port(), sets)?;
+        target.cmd::<()>(&["FLUSHALL"])?;
+        let config = sink_config(&target.url(), &broker.bootstrap(), &topic, &options)
+            .replace(&format!("sink-{topic}"), &format!("sink-{topic}-{run}"));
+        let sink = Connector::start(Kind::Sink, &config, &[])?;
+        let pid = sink.pid();
+        let perf = (run == runs)
+            .then(|| std::env::var("BENCH_PERF").ok())
+            .flatten()
+            .map(|file| {
+                Command::new("perf")
+                    .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+                    .arg(&file)
+                    .args(["-p", &pid.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            })
+            .transpose()?;
+        let mut first: Option<(Instant, f64, Vec<f64>)> = None;
+        let mut max_rss = 0;
+        harness::wait_for(
+            "the sink to apply the burst",
+            Duration::from_secs(600),
+            || {
+                max_rss = max_rss.max(rss_mb(pid));
+                let applied = sink.metric("sink_commands_applied_total", &[])?;
+                if applied > 0.0 && first.is_none() {
+                    first = Some((
+                        Instant::now(),
+                        applied,
+                        cpu_of(&[pid, broker.pid(), target.pid()]),
+                    ));
+                }
+                (applied >= sets as f64).then_some(())
+            },
+        )?;
+        let (t0, a0, cpu0) = first.expect("set when progress was seen");
+        let elapsed = t0.elapsed().as_secs_f64();
+        let cpu: Vec<f64> = cpu_of(&[pid, broker.pid(), target.pid()])
+            .iter()
+            .zip(&cpu0)
+            .map(|(a, b)| a - b)
+            .collect();
+        if let Some(mut p) = perf {
+            Command::new("kill")
+                .args(["-INT", &p.id().to_string()])
+                .status()?;
+            p.wait()?;
+        }
+        let rate = (sets as f64 - a0) / elapsed;
+        println!(
+            "run {run}: redis-benchmark -P 64 {reference:>9.0} SET/s; sink {rate:>9.0} SET/s \
+             (ratio {:.2}; max RSS {max_rss} MB)\n  CPU per SET: sink {:.2} µs, broker {:.2} µs, target {:.2} µs over {elapsed:.2} s",
+            rate / reference,
+            cpu[0] * 1e6 / (sets as f64 - a0),
+            cpu[1] * 1e6 / (sets as f64 - a0),
+            cpu[2] * 1e6 / (sets as f64 - a0),
+        );
+        if std::env::var_os("BENCH_METRICS").is_some() {
+            let body = sink
+                .http_get("/metrics")
+                .map(|(_, b)| b)
+                .unwrap_or_default();
+            for line in body
+                .lines()
+                .filter(|l| l.contains("_sum") || l.contains("_count"))
+            {
+                println!("  {line}");
+            }
+        }
+        ratios.push(rate / reference);
+        drop(sink);
+    }
+    if std::env::var_os("BENCH_HOLD").is_some() {
+        println!("holding: broker {} topic {topic}", broker.bootstrap());
+        std::thread::sleep(Duration::from_secs(900));
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("median ratio {:.2}", ratios[ratios.len() / 2]);
+    Ok(())
+}
+
+/// `redis-benchmark -P 64 -t set` against `port`: SET/s.
+fn bench(port: u16, sets: u64) -> anyhow::Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-t",
+            "set",
+            "-n",
+            &sets.to_string(),
+        ])
+        .args(["-P", "64", "-r", "100000", "-q"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .find(|w| w[1] == "requests")
+        .and_then(|w| w[0].parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("cannot read redis-benchmark output: {text}"))
+}
+
+fn rss_mb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+/// utime + stime of each process, in seconds.
+fn cpu_of(pids: &[u32]) -> Vec<f64> {
+    pids.iter().map(|&p| cpu_seconds(p)).collect()
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
