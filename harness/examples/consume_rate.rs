@@ -3,6 +3,9 @@
 //! can reach on that broker.
 //!
 //!   cargo run --release -p harness --example consume_rate BOOTSTRAP TOPIC PARTITIONS MESSAGES [KEY=VALUE...]
+//!
+//! With `RATE=N` it takes at most N messages a second (as a slower application would), to see
+//! how much librdkafka holds meanwhile (peak RSS).
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -34,13 +37,19 @@ fn main() -> anyhow::Result<()> {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
+    let rate: Option<f64> = std::env::var("RATE").ok().and_then(|r| r.parse().ok());
     let mut n = 0u64;
     let mut started = None;
     while n < messages {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             m?;
-            started.get_or_insert_with(Instant::now);
+            let t0 = *started.get_or_insert_with(Instant::now);
             n += 1;
+            if let Some(rate) = rate {
+                while (n as f64) / t0.elapsed().as_secs_f64() > rate {
+                    std::hint::spin_loop();
+                }
+            }
         }
     }
     let s = started.map_or(0.0, |t| t.elapsed().as_secs_f64());

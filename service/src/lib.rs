@@ -18,6 +18,17 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Turns transparent huge pages off for this process. mimalloc asks for them on its arenas, and
+/// with 2 MiB pages a partly used region counts whole in RSS: the sink catching up on 1M SETs
+/// peaked at 150-162 MB RSS with them and 132-133 MB without (docs/benchmarks.md). Call it first
+/// thing in `main`.
+pub fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!("warning: cannot turn transparent huge pages off (prctl): {e}; memory use may be higher");
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

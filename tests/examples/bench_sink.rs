@@ -8,7 +8,8 @@
 //! Run: `cargo run --release -p tests --example bench_sink -- [SETS] [RUNS]` after
 //! `cargo build --release --bins` (a release example runs the connectors of `target/release`).
 //! With `BENCH_PERF=FILE` the sink of the last run is recorded by
-//! `perf record --call-graph dwarf` into FILE.
+//! `perf record --call-graph dwarf` into FILE; `BENCH_SINK_PROPERTIES="key=value,…"` passes
+//! librdkafka properties to the sink; `BENCH_METRICS=1` prints the sink's histogram sums.
 
 use harness::broker::{random_topic, Broker, Storage};
 use harness::connector::{Connector, Kind};
@@ -56,8 +57,15 @@ fn main() -> anyhow::Result<()> {
     for run in 1..=runs {
         let reference = bench(target.port(), sets)?;
         target.cmd::<()>(&["FLUSHALL"])?;
-        let config = sink_config(&target.url(), &broker.bootstrap(), &topic, &options)
+        let mut config = sink_config(&target.url(), &broker.bootstrap(), &topic, &options)
             .replace(&format!("sink-{topic}"), &format!("sink-{topic}-{run}"));
+        // BENCH_SINK_PROPERTIES="key=value,…": librdkafka properties for the sink.
+        if let Ok(props) = std::env::var("BENCH_SINK_PROPERTIES") {
+            config.push_str("\n[kafka.properties]\n");
+            for (k, v) in props.split(',').filter_map(|kv| kv.split_once('=')) {
+                config.push_str(&format!("\"{k}\" = \"{v}\"\n"));
+            }
+        }
         let sink = Connector::start(Kind::Sink, &config, &[])?;
         let pid = sink.pid();
         let perf = (run == runs)
@@ -126,7 +134,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         ratios.push(rate / reference);
-        drop(sink);
+        if std::env::var_os("BENCH_LOG").is_some() {
+            let mut sink = sink;
+            sink.stop();
+            println!("{}", sink.log());
+        }
     }
     if std::env::var_os("BENCH_HOLD").is_some() {
         println!("holding: broker {} topic {topic}", broker.bootstrap());
