@@ -2,6 +2,9 @@
 //!
 //! 1. snapshot: a native `redis-server` replica's full sync of the same dataset, versus the
 //!    source connector's time from PSYNC to every snapshot record acknowledged by the broker;
+//! 1b. incremental: while `redis-benchmark -P 16 -t set` writes into the source as fast as it can,
+//!    how far the acknowledged offset falls behind `master_repl_offset`, and the share of what was
+//!    written that Kafka had acknowledged when the writer finished;
 //! 2. apply: `redis-benchmark -t set -P 64` straight against a target, versus the sink applying
 //!    the same SETs from the topic (source → source-connector → broker → sink-connector → target).
 //!
@@ -109,6 +112,35 @@ fn main() -> anyhow::Result<()> {
         "  source-connector to all acknowledged: {:>8.2} s  (ratio {:.2}, max RSS {max_rss} MB)",
         ours.as_secs_f64(),
         ours.as_secs_f64() / native.as_secs_f64()
+    );
+
+    // ---- 1b. incremental: redis-benchmark -P 16 writing into the source as fast as it can ----
+    // The replication stream's bytes stand for commands (every SET has the same size).
+    let start_offset = source_offset(&source);
+    let port = source.port();
+    let n = sets.to_string();
+    let writer = std::thread::spawn(move || {
+        Command::new("redis-benchmark")
+            .args(["-p", &port.to_string(), "-t", "set", "-n", &n, "-P", "16"])
+            .args(["-r", "100000", "-q"])
+            .output()
+    });
+    let started = Instant::now();
+    let mut max_behind = 0.0f64;
+    let acked = || connector.metric("source_offset_acked", &[]).unwrap_or(0.0);
+    while !writer.is_finished() {
+        max_behind = max_behind.max(source_offset(&source) - acked());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let written = source_offset(&source) - start_offset;
+    let captured = acked() - start_offset;
+    let wrote_for = started.elapsed();
+    writer.join().map_err(|_| anyhow::anyhow!("redis-benchmark thread"))??;
+    println!(
+        "\nincremental: {sets} SETs by redis-benchmark -P 16 in {:.2} s; when it finished, {:.3} of the written replication stream was acknowledged by Kafka; the acked offset was at most {:.1} MB behind master_repl_offset",
+        wrote_for.as_secs_f64(),
+        captured / written,
+        max_behind / 1e6
     );
     connector.stop();
     drop(connector);
