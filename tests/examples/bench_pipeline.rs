@@ -135,7 +135,9 @@ fn main() -> anyhow::Result<()> {
     let written = source_offset(&source) - start_offset;
     let captured = acked() - start_offset;
     let wrote_for = started.elapsed();
-    writer.join().map_err(|_| anyhow::anyhow!("redis-benchmark thread"))??;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("redis-benchmark thread"))??;
     println!(
         "\nincremental: {sets} SETs by redis-benchmark -P 16 in {:.2} s; when it finished, {:.3} of the written replication stream was acknowledged by Kafka; the acked offset was at most {:.1} MB behind master_repl_offset",
         wrote_for.as_secs_f64(),
