@@ -2,9 +2,9 @@
 //!
 //! 1. snapshot: a native `redis-server` replica's full sync of the same dataset, versus the
 //!    source connector's time from PSYNC to every snapshot record acknowledged by the broker;
-//! 1b. incremental: while `redis-benchmark -P 16 -t set` writes into the source as fast as it can,
-//!    how far the acknowledged offset falls behind `master_repl_offset`, and the share of what was
-//!    written that Kafka had acknowledged when the writer finished;
+//!    then, incremental: while `redis-benchmark -P 16 -t set` writes into the source as fast as
+//!    it can, how far the acknowledged offset falls behind `master_repl_offset`, and the share of
+//!    what was written that Kafka had acknowledged when the writer finished;
 //! 2. apply: `redis-benchmark -t set -P 64` straight against a target, versus the sink applying
 //!    the same SETs from the topic (source → source-connector → broker → sink-connector → target).
 //!
@@ -114,7 +114,7 @@ fn main() -> anyhow::Result<()> {
         ours.as_secs_f64() / native.as_secs_f64()
     );
 
-    // ---- 1b. incremental: redis-benchmark -P 16 writing into the source as fast as it can ----
+    // ---- 1, continued. incremental: redis-benchmark -P 16 writing into the source as fast as it can ----
     // The replication stream's bytes stand for commands (every SET has the same size).
     let start_offset = source_offset(&source);
     let port = source.port();
