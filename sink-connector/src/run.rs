@@ -199,13 +199,14 @@ pub async fn run(
         &[
             ("auto.offset.reset", "earliest"),
             ("queued.max.messages.kbytes", &queue_kbytes),
-            ("queued.min.messages", "5000"),
+            ("queued.min.messages", "2000"),
             // One fetch response at a time is what bounds the consumer's memory: librdkafka
             // parses a whole response into messages (a few hundred bytes of bookkeeping each)
             // before the queue bounds above are checked, and the test broker lets one partition
             // fill the request's whole `fetch.max.bytes`. With librdkafka's 50 MB the sink
             // catching up on 1M SETs peaked at 477-521 MB RSS; with 1 MB (the least librdkafka
-            // accepts with its default `message.max.bytes`) and 5000 messages, 143-155 MB.
+            // accepts with its default `message.max.bytes`) and 5000 messages, 191-207 MB, and
+            // 117-127 MB with 2000 and the allocator of ADR 0010, no slower.
             ("fetch.max.bytes", "1048576"),
             ("fetch.wait.max.ms", "100"),
             // librdkafka waits this long before fetching again once a partition's queue was
