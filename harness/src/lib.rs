@@ -1,5 +1,6 @@
 //! Test harness: real processes on 127.0.0.1 with free ports, cleaned up with the test.
 //!
+//! - [`bench`]: `/proc` readings and `redis-benchmark` for the benchmark examples.
 //! - [`process`]: a spawned server that dies with the test (even on panic or kill), keeps its log
 //!   and prints it when the test fails; kill -9 and restart helpers.
 //! - [`redis`]: a standalone `redis-server` with auth, ACL users, maxmemory, and a binary
@@ -13,6 +14,7 @@
 //! - [`connector`]: the built `source-connector` and `sink-connector` binaries as processes,
 //!   with their metrics.
 
+pub mod bench;
 pub mod broker;
 pub mod cluster;
 pub mod connector;

@@ -11,24 +11,13 @@
 //! Run: `cargo run --release -p tests --example bench_pipeline -- [KEYS] [SETS]`
 //! (scripts/bench-pipeline.sh builds the connectors in release mode first).
 
+use harness::bench::{redis_benchmark_set, rss_mb};
 use harness::broker::{random_topic, Broker, Storage};
 use harness::connector::{Connector, Kind};
-use harness::pipeline::{sink_config, source_config, Options};
+use harness::pipeline::{sink_config, Options};
 use harness::redis::{RedisConfig, RedisServer};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn rss_mb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
-}
 
 fn info_u64(r: &RedisServer, section: &str, field: &str) -> u64 {
     r.info_field(section, field)
@@ -90,11 +79,7 @@ fn main() -> anyhow::Result<()> {
     let topic = random_topic("bench");
     let options = Options::default();
     let started = Instant::now();
-    let mut connector = Connector::start(
-        Kind::Source,
-        &source_config(&source.url(), &broker.bootstrap(), &topic, &options),
-        &[],
-    )?;
+    let mut connector = harness::bench::start_source(&source, &broker, &topic)?;
     let pid = connector.process().pid().unwrap_or(0);
     let mut max_rss = 0;
     harness::wait_for(
@@ -102,9 +87,7 @@ fn main() -> anyhow::Result<()> {
         Duration::from_secs(1200),
         || {
             max_rss = max_rss.max(rss_mb(pid));
-            let done = connector.metric("source_snapshot_progress_ratio", &[])? >= 1.0;
-            let ckpt = connector.metric("source_checkpoints_total", &[])? >= 2.0;
-            (done && ckpt).then_some(())
+            harness::bench::snapshot_acknowledged(&connector)
         },
     )?;
     let ours = started.elapsed();
@@ -152,32 +135,7 @@ fn main() -> anyhow::Result<()> {
     // ---- 2. apply ----
     println!("\napply: {sets} SETs, 100k distinct keys, 3-byte values");
     let target = RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction"))?;
-    let bench = |port: u16| -> anyhow::Result<f64> {
-        let out = Command::new("redis-benchmark")
-            .args([
-                "-p",
-                &port.to_string(),
-                "-t",
-                "set",
-                "-n",
-                &sets.to_string(),
-                "-P",
-                "64",
-                "-r",
-                "100000",
-                "-q",
-            ])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let rps = text
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .find(|w| w[1] == "requests")
-            .and_then(|w| w[0].parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("cannot read redis-benchmark output: {text}"))?;
-        Ok(rps)
-    };
+    let bench = |port: u16| redis_benchmark_set(port, sets);
     let reference = bench(target.port())?;
     println!("  redis-benchmark -P 64 on the target:  {reference:>10.0} SET/s");
     target.cmd::<()>(&["FLUSHALL"])?;
@@ -185,11 +143,7 @@ fn main() -> anyhow::Result<()> {
     let source = RedisServer::start(RedisConfig::default())?;
     let broker = Broker::start(Storage::Memory)?;
     let topic = random_topic("bench");
-    let source_connector = Connector::start(
-        Kind::Source,
-        &source_config(&source.url(), &broker.bootstrap(), &topic, &options),
-        &[],
-    )?;
+    let source_connector = harness::bench::start_source(&source, &broker, &topic)?;
     let mut sink = Connector::start(
         Kind::Sink,
         &sink_config(&target.url(), &broker.bootstrap(), &topic, &options),
@@ -320,12 +274,7 @@ fn main() -> anyhow::Result<()> {
     let written_before = source_offset(&source);
     bench(source.port())?;
     let written = source_offset(&source);
-    harness::wait_for("the burst to be in Kafka", Duration::from_secs(600), || {
-        source_connector
-            .metric("source_offset_acked", &[])
-            .is_some_and(|o| o >= written)
-            .then_some(())
-    })?;
+    harness::bench::wait_acked(&source_connector, written)?;
     anyhow::ensure!(
         written > written_before,
         "the burst did not reach the source"
@@ -360,18 +309,7 @@ fn source_offset(source: &RedisServer) -> f64 {
 fn cpu_seconds(processes: &[(&str, u32)]) -> Vec<f64> {
     processes
         .iter()
-        .map(|(_, pid)| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // Fields after the command name, which is in parentheses.
-                    let rest = s.rsplit_once(')')?.1;
-                    let f: Vec<&str> = rest.split_whitespace().collect();
-                    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-                    Some(ticks / 100.0)
-                })
-                .unwrap_or(0.0)
-        })
+        .map(|(_, pid)| harness::bench::cpu_seconds(*pid))
         .collect()
 }
 

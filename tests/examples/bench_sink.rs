@@ -11,9 +11,10 @@
 //! `perf record --call-graph dwarf` into FILE; `BENCH_SINK_PROPERTIES="key=value,…"` passes
 //! librdkafka properties to the sink; `BENCH_METRICS=1` prints the sink's histogram sums.
 
+use harness::bench::{cpu_seconds, redis_benchmark_set as bench, rss_mb};
 use harness::broker::{random_topic, Broker, Storage};
 use harness::connector::{Connector, Kind};
-use harness::pipeline::{sink_config, source_config, Options};
+use harness::pipeline::{sink_config, Options};
 use harness::redis::{RedisConfig, RedisServer};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,29 +28,16 @@ fn main() -> anyhow::Result<()> {
     let broker = Broker::start(Storage::Memory)?;
     let topic = random_topic("bench");
     let options = Options::default();
-    let mut source_connector = Connector::start(
-        Kind::Source,
-        &source_config(&source.url(), &broker.bootstrap(), &topic, &options),
-        &[],
-    )?;
+    let mut source_connector = harness::bench::start_source(&source, &broker, &topic)?;
     // Streaming before the burst: its SETs are commands on the topic, not snapshot keys.
     harness::wait_for(
         "the snapshot to be acknowledged",
         Duration::from_secs(60),
-        || {
-            let done = source_connector.metric("source_snapshot_progress_ratio", &[])? >= 1.0;
-            let ckpt = source_connector.metric("source_checkpoints_total", &[])? >= 2.0;
-            (done && ckpt).then_some(())
-        },
+        || harness::bench::snapshot_acknowledged(&source_connector),
     )?;
     bench(source.port(), sets)?;
     let written = source.repl_offset()?;
-    harness::wait_for("the burst to be in Kafka", Duration::from_secs(600), || {
-        source_connector
-            .metric("source_offset_acked", &[])
-            .is_some_and(|o| o >= written)
-            .then_some(())
-    })?;
+    harness::bench::wait_acked(&source_connector, written)?;
     source_connector.stop();
     println!("{sets} SETs (100k distinct keys, 3-byte values) on topic {topic}");
 
@@ -149,52 +137,7 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `redis-benchmark -P 64 -t set` against `port`: SET/s.
-fn bench(port: u16, sets: u64) -> anyhow::Result<f64> {
-    let out = Command::new("redis-benchmark")
-        .args([
-            "-p",
-            &port.to_string(),
-            "-t",
-            "set",
-            "-n",
-            &sets.to_string(),
-        ])
-        .args(["-P", "64", "-r", "100000", "-q"])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .collect::<Vec<_>>()
-        .windows(2)
-        .find(|w| w[1] == "requests")
-        .and_then(|w| w[0].parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("cannot read redis-benchmark output: {text}"))
-}
-
-fn rss_mb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
-}
-
 /// utime + stime of each process, in seconds.
 fn cpu_of(pids: &[u32]) -> Vec<f64> {
     pids.iter().map(|&p| cpu_seconds(p)).collect()
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
-        })
-        .unwrap_or(0.0)
 }
