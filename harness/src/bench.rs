@@ -30,8 +30,8 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// `redis-benchmark -t set -n SETS -P 64 -r 100000` against `port`: SET/s.
-pub fn redis_benchmark_set(port: u16, sets: u64) -> anyhow::Result<f64> {
+/// `redis-benchmark -t set -n SETS -P PIPELINE -r 100000` against `port`: SET/s.
+pub fn redis_benchmark_set(port: u16, sets: u64, pipeline: u32) -> anyhow::Result<f64> {
     let out = Command::new("redis-benchmark")
         .args([
             "-p",
@@ -41,7 +41,7 @@ pub fn redis_benchmark_set(port: u16, sets: u64) -> anyhow::Result<f64> {
             "-n",
             &sets.to_string(),
         ])
-        .args(["-P", "64", "-r", "100000", "-q"])
+        .args(["-P", &pipeline.to_string(), "-r", "100000", "-q"])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()

@@ -9,9 +9,11 @@
 //! `cargo build --release --bins` (a release example runs the connectors of `target/release`).
 //! With `BENCH_PERF=FILE` the sink of the last run is recorded by
 //! `perf record --call-graph dwarf` into FILE; `BENCH_SINK_PROPERTIES="key=value,…"` passes
-//! librdkafka properties to the sink; `BENCH_METRICS=1` prints the sink's histogram sums.
+//! librdkafka properties to the sink; `BENCH_METRICS=1` prints the sink's histogram sums;
+//! `BENCH_LOG=1` prints the sink's log after each run; `BENCH_HOLD=1` keeps the broker and topic
+//! at the end, until Enter, for `harness/examples/consume_rate.rs`.
 
-use harness::bench::{cpu_seconds, redis_benchmark_set as bench, rss_mb};
+use harness::bench::{cpu_seconds, redis_benchmark_set, rss_mb};
 use harness::broker::{random_topic, Broker, Storage};
 use harness::connector::{Connector, Kind};
 use harness::pipeline::{sink_config, Options};
@@ -35,7 +37,7 @@ fn main() -> anyhow::Result<()> {
         Duration::from_secs(60),
         || harness::bench::snapshot_acknowledged(&source_connector),
     )?;
-    bench(source.port(), sets)?;
+    redis_benchmark_set(source.port(), sets, 64)?;
     let written = source.repl_offset()?;
     harness::bench::wait_acked(&source_connector, written)?;
     source_connector.stop();
@@ -43,7 +45,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut ratios = Vec::new();
     for run in 1..=runs {
-        let reference = bench(target.port(), sets)?;
+        let reference = redis_benchmark_set(target.port(), sets, 64)?;
         target.cmd::<()>(&["FLUSHALL"])?;
         let mut config = sink_config(&target.url(), &broker.bootstrap(), &topic, &options)
             .replace(&format!("sink-{topic}"), &format!("sink-{topic}-{run}"));
@@ -100,14 +102,17 @@ fn main() -> anyhow::Result<()> {
                 .status()?;
             p.wait()?;
         }
-        let rate = (sets as f64 - a0) / elapsed;
+        // Measured from the first applied record on.
+        let measured = sets as f64 - a0;
+        let rate = measured / elapsed;
+        let per_set = |seconds: f64| seconds * 1e6 / measured;
         println!(
             "run {run}: redis-benchmark -P 64 {reference:>9.0} SET/s; sink {rate:>9.0} SET/s \
              (ratio {:.2}; max RSS {max_rss} MB)\n  CPU per SET: sink {:.2} µs, broker {:.2} µs, target {:.2} µs over {elapsed:.2} s",
             rate / reference,
-            cpu[0] * 1e6 / (sets as f64 - a0),
-            cpu[1] * 1e6 / (sets as f64 - a0),
-            cpu[2] * 1e6 / (sets as f64 - a0),
+            per_set(cpu[0]),
+            per_set(cpu[1]),
+            per_set(cpu[2]),
         );
         if std::env::var_os("BENCH_METRICS").is_some() {
             let body = sink
@@ -129,8 +134,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if std::env::var_os("BENCH_HOLD").is_some() {
-        println!("holding: broker {} topic {topic}", broker.bootstrap());
-        std::thread::sleep(Duration::from_secs(900));
+        println!(
+            "holding broker {} topic {topic} (for consume_rate); press Enter to end",
+            broker.bootstrap()
+        );
+        std::io::stdin().read_line(&mut String::new())?;
     }
     ratios.sort_by(f64::total_cmp);
     println!("median ratio {:.2}", ratios[ratios.len() / 2]);
