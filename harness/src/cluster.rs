@@ -10,6 +10,8 @@ use std::time::Duration;
 pub struct RedisCluster {
     // Servers are dropped before the directory they live in.
     nodes: Vec<RedisServer>,
+    /// Client ports nodes advertise instead of their own (`announce_port`): advertised → own.
+    announced: std::sync::Mutex<std::collections::HashMap<u16, u16>>,
     _dir: WorkDir,
 }
 
@@ -56,7 +58,11 @@ impl RedisCluster {
                 let _: () =
                     node.cmd(&["CLUSTER", "MEET", "127.0.0.1", &nodes[0].port().to_string()])?;
             }
-            let cluster = RedisCluster { nodes, _dir: dir };
+            let cluster = RedisCluster {
+                nodes,
+                announced: Default::default(),
+                _dir: dir,
+            };
             cluster.wait_stable()?;
             return Ok(cluster);
         }
@@ -77,7 +83,11 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = RedisCluster { nodes, _dir: dir };
+        let cluster = RedisCluster {
+            nodes,
+            announced: Default::default(),
+            _dir: dir,
+        };
         cluster.wait_stable()?;
         Ok(cluster)
     }
@@ -132,8 +142,31 @@ impl RedisCluster {
 
     /// The master that owns `slot`, by asking any node.
     pub fn master_of_slot(&self, slot: u16) -> Option<&RedisServer> {
-        let port = self.slot_owner_port(slot)?;
-        self.nodes.iter().find(|n| n.port() == port)
+        self.node(self.slot_owner_port(slot)?)
+    }
+
+    /// Makes the node on `port` advertise `advertised` as its client port
+    /// (`cluster-announce-port`), so whoever follows the cluster's topology (the source
+    /// connector) reaches it there, through a [`FaultProxy`](crate::proxy::FaultProxy) say,
+    /// and waits until every node sees it. The harness keeps talking to the node directly.
+    pub fn announce_port(&self, port: u16, advertised: u16) -> anyhow::Result<()> {
+        let node = self
+            .node(port)
+            .ok_or_else(|| anyhow::anyhow!("no node on port {port}"))?;
+        let _: () = node.cmd(&[
+            "CONFIG",
+            "SET",
+            "cluster-announce-port",
+            &advertised.to_string(),
+        ])?;
+        if let Ok(mut a) = self.announced.lock() {
+            a.insert(advertised, port);
+        }
+        let id: String = node.cmd(&["CLUSTER", "MYID"])?;
+        let address = format!(" 127.0.0.1:{advertised}@");
+        self.wait_all_see("every node to see the advertised port", &id, |l| {
+            l.contains(&address)
+        })
     }
 
     fn slot_owner_port(&self, slot: u16) -> Option<u16> {
@@ -357,6 +390,12 @@ impl RedisCluster {
 
     /// The node on `port`.
     pub fn node(&self, port: u16) -> Option<&RedisServer> {
+        let port = self
+            .announced
+            .lock()
+            .ok()
+            .and_then(|a| a.get(&port).copied())
+            .unwrap_or(port);
         self.nodes.iter().find(|n| n.port() == port)
     }
 

@@ -45,15 +45,48 @@ pub fn load(
     topic: &str,
     shard: &str,
 ) -> anyhow::Result<Option<Checkpoint>> {
-    Ok(load_all(client, topic)?.remove(shard))
+    Ok(load_all(client, topic)?.checkpoints.remove(shard))
 }
 
-/// The latest checkpoint of every shard in the checkpoint topic (partition 0).
-pub fn load_all(
-    client: &rdkafka::ClientConfig,
-    topic: &str,
-) -> anyhow::Result<std::collections::HashMap<String, Checkpoint>> {
-    let mut latest = std::collections::HashMap::new();
+/// Everything the checkpoint topic holds, latest record per key.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// Per source shard.
+    pub checkpoints: std::collections::HashMap<String, Checkpoint>,
+    /// Keys a cluster shard imported (`RESTORE-ASKING`) whose old owner's delete may still be
+    /// replayed: key → importing shard (ADR 0007).
+    pub imports: std::collections::HashMap<bytes::Bytes, String>,
+}
+
+/// Where the record of an imported key is kept: its own compacted key, so a later import of the
+/// same key replaces it and a tombstone removes it. A shard name cannot start with NUL.
+const IMPORT_PREFIX: &[u8] = b"\0import\0";
+
+/// The checkpoint-topic key of an imported key's record.
+pub fn import_key(key: &[u8]) -> Vec<u8> {
+    [IMPORT_PREFIX, key].concat()
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Import {
+    /// The shard that imported the key.
+    shard: String,
+    written_ms: i64,
+}
+
+/// The value of an imported key's record.
+pub fn encode_import(shard: &str) -> Vec<u8> {
+    serde_json::to_vec(&Import {
+        shard: shard.to_owned(),
+        written_ms: service::now_ms(),
+    })
+    .expect("an import serializes")
+}
+
+/// The latest checkpoint of every shard, and the imported keys, in the checkpoint topic
+/// (partition 0).
+pub fn load_all(client: &rdkafka::ClientConfig, topic: &str) -> anyhow::Result<Stored> {
+    let mut latest = Stored::default();
     let mut c = client.clone();
     c.set("group.id", "redis-repl-source-checkpoint-reader")
         .set("enable.auto.commit", "false")
@@ -82,9 +115,28 @@ pub fn load_all(
         };
         let msg = msg.map_err(|e| anyhow::anyhow!("reading {topic}: {e}"))?;
         next = msg.offset() + 1;
-        let Some(shard) = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+        let Some(key) = msg.key() else {
             continue;
         };
+        if let Some(imported) = key.strip_prefix(IMPORT_PREFIX) {
+            let imported = bytes::Bytes::copy_from_slice(imported);
+            match msg.payload() {
+                Some(p) => {
+                    let i: Import = serde_json::from_slice(p).map_err(|e| {
+                        anyhow::anyhow!(
+                            "imported-key record at {topic} offset {} is not valid: {e}",
+                            msg.offset()
+                        )
+                    })?;
+                    latest.imports.insert(imported, i.shard);
+                }
+                None => {
+                    latest.imports.remove(&imported);
+                }
+            }
+            continue;
+        }
+        let shard = String::from_utf8_lossy(key).into_owned();
         match msg.payload() {
             Some(p) => {
                 let c: Checkpoint = serde_json::from_slice(p).map_err(|e| {
@@ -93,10 +145,10 @@ pub fn load_all(
                         msg.offset()
                     )
                 })?;
-                latest.insert(shard, c);
+                latest.checkpoints.insert(shard, c);
             }
             None => {
-                latest.remove(&shard);
+                latest.checkpoints.remove(&shard);
             }
         }
     }

@@ -215,6 +215,10 @@ pub fn at(seed: &Endpoint, host: &str, port: u16) -> Endpoint {
 /// client's delete of a key that lives elsewhere is redirected with `-ASK`/`-MOVED` and never
 /// executed there), so that key is dropped from the command. A later import by another shard
 /// (the key moving again) replaces the entry. Bounded: the oldest entries are forgotten first.
+///
+/// The memory outlives the process: an import is written to the checkpoint topic before it is
+/// published (`persist`), and its record is removed once the old owner's dropped delete is below
+/// that shard's checkpoint, so it can no longer be replayed (`settled`).
 #[derive(Debug, Default)]
 pub struct Migrations {
     inner: Mutex<MigrationsInner>,
@@ -222,8 +226,13 @@ pub struct Migrations {
 
 #[derive(Debug, Default)]
 struct MigrationsInner {
-    owner: std::collections::HashMap<bytes::Bytes, String>,
+    /// Imported key → (importing shard, which import it was).
+    owner: std::collections::HashMap<bytes::Bytes, (String, u64)>,
     order: std::collections::VecDeque<bytes::Bytes>,
+    imports: u64,
+    /// Deletes dropped by the rule, until their shard checkpoints past them: (shard, offset after
+    /// the delete, key, the import it was dropped for).
+    settling: std::collections::VecDeque<(String, u64, bytes::Bytes, u64)>,
     /// Recent deletes: key → (shard, replication offset after the delete).
     deleted: std::collections::HashMap<bytes::Bytes, (String, u64)>,
     deleted_order: std::collections::VecDeque<bytes::Bytes>,
@@ -239,6 +248,41 @@ const DELETES_REMEMBERED: usize = 100_000;
 const IMPORT_WAIT: Duration = Duration::from_secs(10);
 
 impl Migrations {
+    /// The imported keys a previous run left in the checkpoint topic.
+    pub fn restore(&self, imports: std::collections::HashMap<bytes::Bytes, String>) {
+        if let Ok(mut inner) = self.inner.lock() {
+            for (key, shard) in imports {
+                inner.import(key, shard);
+            }
+        }
+    }
+
+    /// `RESTORE-ASKING`: the command by which a shard imports a key.
+    pub fn is_import(args: &[bytes::Bytes]) -> bool {
+        args.len() > 1 && args[0].eq_ignore_ascii_case(b"restore-asking")
+    }
+
+    /// The imported keys whose records can leave the checkpoint topic now that `shard`'s
+    /// checkpoint is at `offset`: the deletes dropped for them cannot be replayed any more.
+    pub fn settled(&self, shard: &str, offset: u64) -> Vec<bytes::Bytes> {
+        let Ok(mut inner) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let inner = &mut *inner;
+        let mut done = Vec::new();
+        inner.settling.retain(|(by, after, key, import)| {
+            if by != shard || *after > offset {
+                return true;
+            }
+            // Not when the key was imported again since: that import's record must stay.
+            if inner.owner.get(key).is_some_and(|(_, i)| i == import) {
+                done.push(key.clone());
+            }
+            false
+        });
+        done
+    }
+
     /// Where a shard's acknowledged position can be watched (each new session registers).
     pub fn register_acked(
         &self,
@@ -324,7 +368,12 @@ impl Migrations {
 
     /// Applies the rule to one command of `shard`'s stream: records imports, and returns the
     /// command without the keys it must not delete (`None`: nothing left to publish).
-    pub fn filter(&self, shard: &str, args: Vec<bytes::Bytes>) -> Option<Vec<bytes::Bytes>> {
+    pub fn filter(
+        &self,
+        shard: &str,
+        args: Vec<bytes::Bytes>,
+        end_offset: u64,
+    ) -> Option<Vec<bytes::Bytes>> {
         let name = args.first()?;
         let import = name.eq_ignore_ascii_case(b"restore-asking");
         // Every other command passes without taking the lock (this runs for every write).
@@ -336,23 +385,27 @@ impl Migrations {
         };
         if import {
             if let Some(key) = args.get(1) {
-                if inner.owner.insert(key.clone(), shard.to_owned()).is_none() {
-                    inner.order.push_back(key.clone());
-                    if inner.order.len() > MIGRATIONS_REMEMBERED {
-                        if let Some(old) = inner.order.pop_front() {
-                            inner.owner.remove(&old);
-                        }
-                    }
-                }
+                inner.import(key.clone(), shard.to_owned());
             }
             return Some(args);
         }
         if inner.owner.is_empty() {
             return Some(args);
         }
-        let moved = |k: &bytes::Bytes| inner.owner.get(k).is_some_and(|o| o != shard);
+        let inner = &mut *inner;
+        let moved = |k: &bytes::Bytes| inner.owner.get(k).is_some_and(|(o, _)| o != shard);
         if !args[1..].iter().any(moved) {
             return Some(args);
+        }
+        for key in args[1..].iter().filter(|k| moved(k)) {
+            let import = inner.owner[key].1;
+            inner
+                .settling
+                .push_back((shard.to_owned(), end_offset, key.clone(), import));
+        }
+        while inner.settling.len() > MIGRATIONS_REMEMBERED {
+            // Only leaves a record behind in the checkpoint topic.
+            inner.settling.pop_front();
         }
         let kept: Vec<bytes::Bytes> = std::iter::once(args[0].clone())
             .chain(args[1..].iter().filter(|k| !moved(k)).cloned())
@@ -365,6 +418,24 @@ impl Migrations {
         metrics::counter!("source_migrated_deletes_dropped_total", "shard" => shard.to_owned())
             .increment(dropped as u64);
         (kept.len() > 1).then_some(kept)
+    }
+}
+
+impl MigrationsInner {
+    fn import(&mut self, key: bytes::Bytes, shard: String) {
+        self.imports += 1;
+        if self
+            .owner
+            .insert(key.clone(), (shard, self.imports))
+            .is_none()
+        {
+            self.order.push_back(key);
+            if self.order.len() > MIGRATIONS_REMEMBERED {
+                if let Some(old) = self.order.pop_front() {
+                    self.owner.remove(&old);
+                }
+            }
+        }
     }
 }
 
@@ -423,32 +494,58 @@ mod tests {
         let m = Migrations::default();
         // Before any import, deletes pass.
         assert_eq!(
-            m.filter("a", args(&["DEL", "k"])),
+            m.filter("a", args(&["DEL", "k"]), 0),
             Some(args(&["DEL", "k"]))
         );
         assert!(m
-            .filter("b", args(&["RESTORE-ASKING", "k", "0", "x"]))
+            .filter("b", args(&["RESTORE-ASKING", "k", "0", "x"]), 0)
             .is_some());
         // The old owner's DEL of k is MIGRATE's; other keys stay.
-        assert_eq!(m.filter("a", args(&["DEL", "k"])), None);
+        assert_eq!(m.filter("a", args(&["DEL", "k"]), 0), None);
         assert_eq!(
-            m.filter("a", args(&["DEL", "k", "j"])),
+            m.filter("a", args(&["DEL", "k", "j"]), 0),
             Some(args(&["DEL", "j"]))
         );
         // The new owner deleting it is a client's delete.
         assert_eq!(
-            m.filter("b", args(&["UNLINK", "k"])),
+            m.filter("b", args(&["UNLINK", "k"]), 0),
             Some(args(&["UNLINK", "k"]))
         );
         // Moved back: now b's delete is the migration's and a's is a client's.
         assert!(m
-            .filter("a", args(&["RESTORE-ASKING", "k", "0", "x"]))
+            .filter("a", args(&["RESTORE-ASKING", "k", "0", "x"]), 0)
             .is_some());
-        assert_eq!(m.filter("b", args(&["DEL", "k"])), None);
+        assert_eq!(m.filter("b", args(&["DEL", "k"]), 0), None);
         assert_eq!(
-            m.filter("a", args(&["DEL", "k"])),
+            m.filter("a", args(&["DEL", "k"]), 0),
             Some(args(&["DEL", "k"]))
         );
+    }
+
+    /// The memory of an import outlives the process (`restore`), and its record can go once the
+    /// old owner's dropped delete is below that shard's checkpoint, unless the key moved again.
+    #[test]
+    fn imports_settle_when_the_dropped_delete_is_checkpointed() {
+        let m = Migrations::default();
+        m.restore([(bytes::Bytes::from_static(b"k"), "b".to_owned())].into());
+        assert_eq!(m.filter("a", args(&["DEL", "k"]), 50), None);
+        assert!(m.settled("b", 100).is_empty(), "another shard's checkpoint");
+        assert!(m.settled("a", 49).is_empty(), "before the delete");
+        assert_eq!(m.settled("a", 50), vec![bytes::Bytes::from_static(b"k")]);
+        assert!(m.settled("a", 60).is_empty(), "settled once");
+
+        // Dropped for b's import, but c imported the key since: c's record stays.
+        assert!(Migrations::is_import(&args(&[
+            "RESTORE-ASKING",
+            "j",
+            "0",
+            "x"
+        ])));
+        assert!(!Migrations::is_import(&args(&["RESTORE", "j", "0", "x"])));
+        m.filter("b", args(&["RESTORE-ASKING", "j", "0", "x"]), 10);
+        assert_eq!(m.filter("a", args(&["DEL", "j"]), 70), None);
+        m.filter("c", args(&["RESTORE-ASKING", "j", "0", "x"]), 20);
+        assert!(m.settled("a", 80).is_empty());
     }
 
     const NODES: &str = "\

@@ -405,29 +405,47 @@ impl Publisher {
         key: &[u8],
         payload: &[u8],
     ) -> anyhow::Result<()> {
-        let (opaque, delivered) = self.deliveries.waiter();
-        let mut record = BaseRecord::with_opaque_to(topic, opaque)
-            .key(key)
-            .payload(payload)
-            .partition(0);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
-                    if Instant::now() < deadline =>
-                {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+        self.send_all_and_wait(topic, &[(key.to_vec(), Some(payload.to_vec()))])
+            .await
+    }
+
+    /// Produces records (a `None` payload is a tombstone) to partition 0 of another topic, all
+    /// at once, and waits until every one is delivered.
+    pub async fn send_all_and_wait(
+        &self,
+        topic: &str,
+        records: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> anyhow::Result<()> {
+        let mut waiting = Vec::new();
+        for (key, payload) in records {
+            let (opaque, delivered) = self.deliveries.waiter();
+            let mut record = BaseRecord::<[u8], [u8], _>::with_opaque_to(topic, opaque)
+                .key(key.as_slice())
+                .partition(0);
+            record.payload = payload.as_deref();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                        if Instant::now() < deadline =>
+                    {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => anyhow::bail!("cannot write to {topic}: {e}"),
                 }
-                Err((e, _)) => anyhow::bail!("cannot write to {topic}: {e}"),
+            }
+            waiting.push(delivered);
+        }
+        for delivered in waiting {
+            match delivered.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => anyhow::bail!("cannot write to {topic}: {e}"),
+                Err(_) => anyhow::bail!("cannot write to {topic}: the producer stopped"),
             }
         }
-        match delivered.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => anyhow::bail!("cannot write to {topic}: {e}"),
-            Err(_) => anyhow::bail!("cannot write to {topic}: the producer stopped"),
-        }
+        Ok(())
     }
 
     fn error(&self, error: String) -> PublishError {

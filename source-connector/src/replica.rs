@@ -384,6 +384,26 @@ async fn save_checkpoint(
         .map_err(|e| LinkError::Transient(e.to_string()))?;
     counter!("source_checkpoints_total", "shard" => shared.shard.clone()).increment(1);
     gauge!("source_checkpoint_offset", "shard" => shared.shard.clone()).set(c.offset as f64);
+    if let Some(migrations) = &shared.migrations {
+        // Deletes this shard dropped for a migration are below its checkpoint now, never to be
+        // replayed: their imports need not be remembered. Should this fail, the records only
+        // stay (a later import of the key replaces them).
+        let settled = migrations.settled(&shared.shard, c.offset);
+        if !settled.is_empty() {
+            let keys: Vec<_> = settled
+                .iter()
+                .map(|k| (checkpoint::import_key(k), None))
+                .collect();
+            match publisher
+                .send_all_and_wait(&shared.checkpoint_topic, &keys)
+                .await
+            {
+                Ok(()) => counter!("source_migration_imports_settled_total", "shard" => shared.shard.clone())
+                    .increment(keys.len() as u64),
+                Err(e) => tracing::warn!(shard = %shared.shard, "cannot forget {} settled imported key(s): {e}", keys.len()),
+            }
+        }
+    }
     tracing::debug!(shard = %shared.shard, "checkpoint epoch {} offset {} snapshot_done {}", c.epoch, c.offset, c.snapshot_done);
     shared.checkpoint = Some(c);
     Ok(())
@@ -641,6 +661,7 @@ async fn stream(
     let epoch = builder.epoch();
     let silence_limit = Duration::from_secs(shared.config.redis.repl_timeout_s);
     let mut last_received = Instant::now();
+    let mut imports: Vec<resp::Command> = Vec::new();
     let result: Result<(), LinkError> = 'session: loop {
         // Publish every complete command.
         let publishing = Instant::now();
@@ -660,14 +681,22 @@ async fn stream(
             if shared.scope.has_changed().unwrap_or(false) {
                 builder.set_scope(shared.scope.borrow_and_update().clone());
             }
-            let cmd = match (&shared.migrations, cmd.kind) {
-                (Some(migrations), resp::Kind::Write) => {
-                    if let Some((other, offset)) =
-                        migrations.order(&shard, &cmd.args, cmd.end_offset)
-                    {
-                        migrations.wait_published(&shard, &other, offset).await;
+            let cmd = match shared
+                .migrations
+                .clone()
+                .filter(|_| cmd.kind == resp::Kind::Write)
+            {
+                Some(migrations) => {
+                    let wait = migrations.order(&shard, &cmd.args, cmd.end_offset);
+                    if let Some((other, offset)) = &wait {
+                        migrations.wait_published(&shard, other, *offset).await;
                     }
-                    match migrations.filter(&shard, cmd.args) {
+                    // An import whose old owner's delete is still to come is remembered in the
+                    // checkpoint topic before it is published (ADR 0007); imports that follow
+                    // at once are written together.
+                    let remember =
+                        wait.is_none() && crate::cluster::Migrations::is_import(&cmd.args);
+                    let cmd = match migrations.filter(&shard, cmd.args, cmd.end_offset) {
                         Some(args) => resp::Command { args, ..cmd },
                         // Nothing left to publish; the offset still advances.
                         None => resp::Command {
@@ -675,14 +704,21 @@ async fn stream(
                             kind: resp::Kind::Ping,
                             ..cmd
                         },
+                    };
+                    if remember {
+                        imports.push(cmd);
+                        continue;
                     }
+                    cmd
                 }
-                _ => cmd,
+                None => cmd,
             };
+            publish_imports(shared, publisher, builder, &mut imports).await?;
             for out in builder.command(cmd) {
                 publisher.publish(out).await?;
             }
         }
+        publish_imports(shared, publisher, builder, &mut imports).await?;
         if publishing.elapsed() > Duration::from_millis(500) {
             // Waiting on Kafka is not silence from the master: we were not reading.
             last_received = Instant::now();
@@ -765,6 +801,42 @@ async fn stream(
     }
     writer.abort();
     result
+}
+
+/// Writes the held imports to the checkpoint topic, then publishes them (ADR 0007).
+async fn publish_imports(
+    shared: &Shared,
+    publisher: &mut Publisher,
+    builder: &mut Builder,
+    imports: &mut Vec<resp::Command>,
+) -> Result<(), LinkError> {
+    if imports.is_empty() {
+        return Ok(());
+    }
+    let value = checkpoint::encode_import(&shared.shard);
+    let records: Vec<_> = imports
+        .iter()
+        .map(|c| (checkpoint::import_key(&c.args[1]), Some(value.clone())))
+        .collect();
+    let started = Instant::now();
+    publisher
+        .send_all_and_wait(&shared.checkpoint_topic, &records)
+        .await
+        .map_err(|e| {
+            LinkError::Transient(format!(
+                "cannot remember {} imported key(s): {e}",
+                imports.len()
+            ))
+        })?;
+    counter!("source_migration_imports_remembered_total", "shard" => shared.shard.clone())
+        .increment(imports.len() as u64);
+    tracing::debug!(shard = %shared.shard, "remembered {} imported key(s) in {:?}", imports.len(), started.elapsed());
+    for cmd in imports.drain(..) {
+        for out in builder.command(cmd) {
+            publisher.publish(out).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Sends `REPLCONF ACK <durably published offset>` every second and on `GETACK`.

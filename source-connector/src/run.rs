@@ -217,8 +217,20 @@ async fn run_cluster(
         let topic = ctx.checkpoint_topic.clone();
         tokio::task::spawn_blocking(move || checkpoint::load_all(&client, &topic)).await??
     };
+    let checkpoint::Stored {
+        checkpoints: existing,
+        imports,
+    } = existing;
     let seeds = Arc::new(Mutex::new(node_endpoints(&seed, &masters)));
     let migrations = Arc::new(cluster::Migrations::default());
+    if !imports.is_empty() {
+        tracing::info!(
+            "{} key(s) imported by a shard during a slot migration are remembered from {}: deletes of them replayed by their old shard are MIGRATE's own and will be dropped",
+            imports.len(),
+            ctx.checkpoint_topic
+        );
+        migrations.restore(imports);
+    }
     let mut tasks = tokio::task::JoinSet::new();
     // Per shard: its name, its members, and how to tell its loop to relink.
     let mut shards: Vec<Watched> = Vec::new();

@@ -218,3 +218,119 @@ fn a_shard_whose_slots_all_moved_is_retired() {
     let (ok, out) = tests::verify(&sink, &cluster.nodes()[0].url());
     assert!(ok && out.contains("source and target match"), "{out}");
 }
+
+/// kill -9 of the connector while the old owner's link lags behind a slot migration: the new
+/// owner's imports are published and checkpointed, the old owner's deletes are not yet read.
+/// After the restart only those deletes are replayed; they are MIGRATE's own and must be
+/// dropped, which takes the memory of the imports kept in the checkpoint topic (ADR 0007).
+/// Published, they would delete the migrated keys on the target.
+#[test]
+fn a_migration_survives_a_restart_while_the_old_owners_link_lags() {
+    let cluster = RedisCluster::start(3, 0, RedisConfig::default()).unwrap();
+    let target =
+        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
+    let mut client = cluster.client();
+    cluster_writes(&mut client, 1, 500);
+    let slot = proto::key_slot(b"c:0").get();
+    let shard_of = |port: u16| {
+        [0u16, 5461, 10923]
+            .into_iter()
+            .find(|&a| cluster.master_of_slot(a).map(|m| m.port()) == Some(port))
+            .map(|a| format!("source/{a}"))
+            .unwrap()
+    };
+    let from = cluster.master_of_slot(slot).unwrap().port();
+    let to = cluster
+        .masters()
+        .into_iter()
+        .map(|m| m.port())
+        .find(|&p| p != from)
+        .unwrap();
+    let (from_shard, to_shard) = (shard_of(from), shard_of(to));
+    // The connector reaches the old owner through a proxy that can hold its stream back.
+    let proxy = harness::proxy::FaultProxy::start(&format!("127.0.0.1:{from}")).unwrap();
+    cluster.announce_port(from, proxy.port()).unwrap();
+    let (_broker, source, sink) = connectors(&cluster.node(from).unwrap().url(), &target);
+    wait_equal(&cluster, &target, &[&source, &sink]);
+
+    proxy.set_blackhole(true);
+    let keys: i64 = cluster
+        .node(from)
+        .unwrap()
+        .cmd(&["CLUSTER", "COUNTKEYSINSLOT", &slot.to_string()])
+        .unwrap();
+    assert!(keys > 0, "the slot holds keys");
+    cluster.migrate_slot(slot, to).unwrap();
+    let written: u64 = cluster
+        .node(to)
+        .unwrap()
+        .info_field("replication", "master_repl_offset")
+        .unwrap()
+        .parse()
+        .unwrap();
+    harness::wait_for(
+        "the new owner's imports to be checkpointed",
+        Duration::from_secs(30),
+        || {
+            let at = source.metric("source_checkpoint_offset", &[("shard", &to_shard)])?;
+            (at >= written as f64).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", source.log()));
+    let remembered = source
+        .metric(
+            "source_migration_imports_remembered_total",
+            &[("shard", &to_shard)],
+        )
+        .unwrap_or(0.0);
+    assert_eq!(remembered, keys as f64, "{}", source.log());
+    assert_eq!(
+        source.metric(
+            "source_migrated_deletes_dropped_total",
+            &[("shard", &from_shard)]
+        ),
+        None,
+        "the old owner's link read nothing since the blackhole"
+    );
+
+    let mut source = source;
+    source.kill9();
+    proxy.set_blackhole(false);
+    source.restart().unwrap();
+    cluster_writes(&mut client, 2, 300);
+    wait_equal(&cluster, &target, &[&source, &sink]);
+    let dropped = source
+        .metric(
+            "source_migrated_deletes_dropped_total",
+            &[("shard", &from_shard)],
+        )
+        .unwrap_or(0.0);
+    assert_eq!(
+        dropped,
+        keys as f64,
+        "the replayed deletes were MIGRATE's: {}",
+        source.log()
+    );
+    assert!(
+        source
+            .log()
+            .contains("key(s) imported by a shard during a slot migration are remembered"),
+        "{}",
+        source.log()
+    );
+    // Once the old owner checkpointed past the dropped deletes, their imports are forgotten.
+    harness::wait_for("the imports to settle", Duration::from_secs(30), || {
+        let settled = source.metric(
+            "source_migration_imports_settled_total",
+            &[("shard", &from_shard)],
+        )?;
+        (settled == keys as f64).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", source.log()));
+    assert_eq!(
+        source.metric("source_partial_syncs_total", &[("shard", &from_shard)]),
+        Some(1.0),
+        "{}",
+        source.log()
+    );
+}
