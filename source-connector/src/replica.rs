@@ -687,16 +687,17 @@ async fn stream(
                 .filter(|_| cmd.kind == resp::Kind::Write)
             {
                 Some(migrations) => {
-                    let wait = migrations.order(&shard, &cmd.args, cmd.end_offset);
-                    if let Some((other, offset)) = &wait {
-                        migrations.wait_published(&shard, other, *offset).await;
+                    let before = migrations.order(&shard, &cmd.args, cmd.end_offset);
+                    if crate::cluster::Migrations::is_import(&cmd.args) {
+                        // Published after the old owner's delete, and remembered in the
+                        // checkpoint topic first (ADR 0007); imports that follow at once are
+                        // written together.
+                        let after = migrations.wait(&shard, before).await;
+                        migrations.imported(&shard, &cmd.args[1], after);
+                        imports.push(cmd);
+                        continue;
                     }
-                    // An import whose old owner's delete is still to come is remembered in the
-                    // checkpoint topic before it is published (ADR 0007); imports that follow
-                    // at once are written together.
-                    let remember =
-                        wait.is_none() && crate::cluster::Migrations::is_import(&cmd.args);
-                    let cmd = match migrations.filter(&shard, cmd.args, cmd.end_offset) {
+                    match migrations.filter(&shard, cmd.args, cmd.end_offset) {
                         Some(args) => resp::Command { args, ..cmd },
                         // Nothing left to publish; the offset still advances.
                         None => resp::Command {
@@ -704,12 +705,7 @@ async fn stream(
                             kind: resp::Kind::Ping,
                             ..cmd
                         },
-                    };
-                    if remember {
-                        imports.push(cmd);
-                        continue;
                     }
-                    cmd
                 }
                 None => cmd,
             };

@@ -224,90 +224,193 @@ fn a_shard_whose_slots_all_moved_is_retired() {
 /// After the restart only those deletes are replayed; they are MIGRATE's own and must be
 /// dropped, which takes the memory of the imports kept in the checkpoint topic (ADR 0007).
 /// Published, they would delete the migrated keys on the target.
+/// A 3-master cluster with writes, the connectors, and the shard of key `c:0` (the old owner)
+/// reached through a proxy that can hold its stream back: its node advertises the proxy's port.
+struct LaggingOldOwner {
+    cluster: RedisCluster,
+    target: RedisServer,
+    proxy: harness::proxy::FaultProxy,
+    slot: u16,
+    /// Port and shard name of the old owner and of the new one.
+    from: (u16, String),
+    to: (u16, String),
+    broker: Broker,
+    source: Connector,
+    sink: Connector,
+}
+
+impl LaggingOldOwner {
+    fn start() -> LaggingOldOwner {
+        let cluster = RedisCluster::start(3, 0, RedisConfig::default()).unwrap();
+        let target =
+            RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction"))
+                .unwrap();
+        cluster_writes(&mut cluster.client(), 1, 500);
+        let slot = proto::key_slot(b"c:0").get();
+        let shard_of = |port: u16| {
+            [0u16, 5461, 10923]
+                .into_iter()
+                .find(|&a| cluster.master_of_slot(a).map(|m| m.port()) == Some(port))
+                .map(|a| format!("source/{a}"))
+                .unwrap()
+        };
+        let from = cluster.master_of_slot(slot).unwrap().port();
+        let to = cluster
+            .masters()
+            .into_iter()
+            .map(|m| m.port())
+            .find(|&p| p != from)
+            .unwrap();
+        let (from, to) = ((from, shard_of(from)), (to, shard_of(to)));
+        let proxy = harness::proxy::FaultProxy::start(&format!("127.0.0.1:{}", from.0)).unwrap();
+        cluster.announce_port(from.0, proxy.port()).unwrap();
+        let (broker, source, sink) = connectors(&cluster.node(from.0).unwrap().url(), &target);
+        wait_equal(&cluster, &target, &[&source, &sink]);
+        LaggingOldOwner {
+            cluster,
+            target,
+            proxy,
+            slot,
+            from,
+            to,
+            broker,
+            source,
+            sink,
+        }
+    }
+
+    fn keys_in_slot(&self) -> i64 {
+        self.cluster
+            .node(self.from.0)
+            .unwrap()
+            .cmd(&["CLUSTER", "COUNTKEYSINSLOT", &self.slot.to_string()])
+            .unwrap()
+    }
+
+    fn wait_equal(&self) {
+        wait_equal(&self.cluster, &self.target, &[&self.source, &self.sink]);
+    }
+}
+
+/// A slot migrates while the old owner's link lags (the proxy delays it by 1.5 s) right after
+/// the migrated counter was incremented there: the new owner's import must reach the topic
+/// after those increments and the old owner's delete, or the target applies them on top of the
+/// migrated value (ADR 0007, the order rule).
+#[test]
+fn an_import_waits_for_the_lagging_old_owners_writes_and_delete() {
+    let t = LaggingOldOwner::start();
+    t.proxy.set_latency(Duration::from_millis(1500));
+    let old = t.cluster.node(t.from.0).unwrap();
+    for _ in 0..5 {
+        let _: i64 = old.cmd(&["INCR", "c:0"]).unwrap();
+    }
+    let keys = t.keys_in_slot() as f64;
+    t.cluster.migrate_slot(t.slot, t.to.0).unwrap();
+    t.wait_equal();
+    t.proxy.set_latency(Duration::ZERO);
+    cluster_writes(&mut t.cluster.client(), 2, 300);
+    t.wait_equal();
+    let metric = |name: &str, shard: &str| t.source.metric(name, &[("shard", shard)]);
+    assert!(
+        metric("source_migration_import_waits_total", &t.to.1).unwrap_or(0.0) >= 1.0,
+        "{}",
+        t.source.log()
+    );
+    assert_eq!(
+        metric("source_migration_import_wait_timeouts_total", &t.to.1),
+        None
+    );
+    // Ordered after the delete, nothing to drop; the imports' records settle.
+    assert_eq!(
+        metric("source_migrated_deletes_dropped_total", &t.from.1),
+        None
+    );
+    harness::wait_for("the imports to settle", Duration::from_secs(30), || {
+        (metric("source_migration_imports_settled_total", &t.from.1)? == keys).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", t.source.log()));
+}
+
+/// kill -9 of the connector while the old owner's link is held back entirely during a slot
+/// migration: the new owner's imports wait 10 s for the old owner's delete, give up, and are
+/// published and checkpointed; the old owner's deletes are not read yet. After the restart only
+/// those deletes are replayed; they are MIGRATE's own and must be dropped, which takes the
+/// memory of the imports kept in the checkpoint topic (ADR 0007). Published, they would delete
+/// the migrated keys on the target.
 #[test]
 fn a_migration_survives_a_restart_while_the_old_owners_link_lags() {
-    let cluster = RedisCluster::start(3, 0, RedisConfig::default()).unwrap();
-    let target =
-        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
-    let mut client = cluster.client();
-    cluster_writes(&mut client, 1, 500);
-    let slot = proto::key_slot(b"c:0").get();
-    let shard_of = |port: u16| {
-        [0u16, 5461, 10923]
-            .into_iter()
-            .find(|&a| cluster.master_of_slot(a).map(|m| m.port()) == Some(port))
-            .map(|a| format!("source/{a}"))
-            .unwrap()
-    };
-    let from = cluster.master_of_slot(slot).unwrap().port();
-    let to = cluster
-        .masters()
-        .into_iter()
-        .map(|m| m.port())
-        .find(|&p| p != from)
-        .unwrap();
-    let (from_shard, to_shard) = (shard_of(from), shard_of(to));
-    // The connector reaches the old owner through a proxy that can hold its stream back.
-    let proxy = harness::proxy::FaultProxy::start(&format!("127.0.0.1:{from}")).unwrap();
-    cluster.announce_port(from, proxy.port()).unwrap();
-    let (_broker, source, sink) = connectors(&cluster.node(from).unwrap().url(), &target);
-    wait_equal(&cluster, &target, &[&source, &sink]);
-
-    proxy.set_blackhole(true);
-    let keys: i64 = cluster
-        .node(from)
-        .unwrap()
-        .cmd(&["CLUSTER", "COUNTKEYSINSLOT", &slot.to_string()])
-        .unwrap();
+    let t = LaggingOldOwner::start();
+    t.proxy.set_blackhole(true);
+    let keys = t.keys_in_slot();
     assert!(keys > 0, "the slot holds keys");
-    cluster.migrate_slot(slot, to).unwrap();
-    let written: u64 = cluster
-        .node(to)
+    t.cluster.migrate_slot(t.slot, t.to.0).unwrap();
+    let written: u64 = t
+        .cluster
+        .node(t.to.0)
         .unwrap()
         .info_field("replication", "master_repl_offset")
         .unwrap()
         .parse()
         .unwrap();
+    let metric =
+        |source: &Connector, name: &str, shard: &str| source.metric(name, &[("shard", shard)]);
     harness::wait_for(
         "the new owner's imports to be checkpointed",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || {
-            let at = source.metric("source_checkpoint_offset", &[("shard", &to_shard)])?;
+            let at = metric(&t.source, "source_checkpoint_offset", &t.to.1)?;
             (at >= written as f64).then_some(())
         },
     )
-    .unwrap_or_else(|e| panic!("{e}\n{}", source.log()));
-    let remembered = source
-        .metric(
-            "source_migration_imports_remembered_total",
-            &[("shard", &to_shard)],
-        )
-        .unwrap_or(0.0);
-    assert_eq!(remembered, keys as f64, "{}", source.log());
+    .unwrap_or_else(|e| panic!("{e}\n{}", t.source.log()));
     assert_eq!(
-        source.metric(
+        metric(
+            &t.source,
+            "source_migration_imports_remembered_total",
+            &t.to.1
+        ),
+        Some(keys as f64),
+        "{}",
+        t.source.log()
+    );
+    assert_eq!(
+        metric(
+            &t.source,
+            "source_migration_import_wait_timeouts_total",
+            &t.to.1
+        ),
+        Some(1.0),
+        "{}",
+        t.source.log()
+    );
+    assert_eq!(
+        metric(
+            &t.source,
             "source_migrated_deletes_dropped_total",
-            &[("shard", &from_shard)]
+            &t.from.1
         ),
         None,
         "the old owner's link read nothing since the blackhole"
     );
 
-    let mut source = source;
+    let LaggingOldOwner {
+        cluster,
+        target,
+        proxy,
+        from,
+        broker: _broker,
+        mut source,
+        sink,
+        ..
+    } = t;
     source.kill9();
     proxy.set_blackhole(false);
     source.restart().unwrap();
-    cluster_writes(&mut client, 2, 300);
+    cluster_writes(&mut cluster.client(), 2, 300);
     wait_equal(&cluster, &target, &[&source, &sink]);
-    let dropped = source
-        .metric(
-            "source_migrated_deletes_dropped_total",
-            &[("shard", &from_shard)],
-        )
-        .unwrap_or(0.0);
     assert_eq!(
-        dropped,
-        keys as f64,
+        metric(&source, "source_migrated_deletes_dropped_total", &from.1),
+        Some(keys as f64),
         "the replayed deletes were MIGRATE's: {}",
         source.log()
     );
@@ -320,15 +423,12 @@ fn a_migration_survives_a_restart_while_the_old_owners_link_lags() {
     );
     // Once the old owner checkpointed past the dropped deletes, their imports are forgotten.
     harness::wait_for("the imports to settle", Duration::from_secs(30), || {
-        let settled = source.metric(
-            "source_migration_imports_settled_total",
-            &[("shard", &from_shard)],
-        )?;
+        let settled = metric(&source, "source_migration_imports_settled_total", &from.1)?;
         (settled == keys as f64).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", source.log()));
     assert_eq!(
-        source.metric("source_partial_syncs_total", &[("shard", &from_shard)]),
+        metric(&source, "source_partial_syncs_total", &from.1),
         Some(1.0),
         "{}",
         source.log()
