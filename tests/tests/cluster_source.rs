@@ -47,6 +47,18 @@ fn connectors(seed: &str, target: &RedisServer) -> (Broker, Connector, Connector
     (broker, source, sink)
 }
 
+/// The port of the master that owns `slot`, and of another master.
+fn owner_and_another(cluster: &RedisCluster, slot: u16) -> (u16, u16) {
+    let from = cluster.master_of_slot(slot).unwrap().port();
+    let to = cluster
+        .masters()
+        .into_iter()
+        .map(|m| m.port())
+        .find(|&p| p != from)
+        .unwrap();
+    (from, to)
+}
+
 #[test]
 fn cluster_source_to_standalone_target_through_failover_and_flush() {
     let cluster = RedisCluster::start(3, 1, RedisConfig::default()).unwrap();
@@ -117,13 +129,7 @@ fn cluster_source_to_standalone_target_through_failover_and_flush() {
     // A slot with keys moves to another shard: MIGRATE's RESTORE-ASKING arrives on one link and
     // its DEL on another, and the target must keep the key (ADR 0007).
     let slot = proto::key_slot(b"c:0").get();
-    let from = cluster.master_of_slot(slot).unwrap().port();
-    let to = cluster
-        .masters()
-        .into_iter()
-        .map(|m| m.port())
-        .find(|&p| p != from)
-        .unwrap();
+    let (_, to) = owner_and_another(&cluster, slot);
     cluster.migrate_slot(slot, to).unwrap();
     cluster_writes(&mut client, 5, 300);
     wait_equal(&cluster, &target, &[&source, &sink]);
@@ -254,13 +260,7 @@ impl LaggingOldOwner {
                 .map(|a| format!("source/{a}"))
                 .unwrap()
         };
-        let from = cluster.master_of_slot(slot).unwrap().port();
-        let to = cluster
-            .masters()
-            .into_iter()
-            .map(|m| m.port())
-            .find(|&p| p != from)
-            .unwrap();
+        let (from, to) = owner_and_another(&cluster, slot);
         let (from, to) = ((from, shard_of(from)), (to, shard_of(to)));
         let proxy = harness::proxy::FaultProxy::start(&format!("127.0.0.1:{}", from.0)).unwrap();
         cluster.announce_port(from.0, proxy.port()).unwrap();
