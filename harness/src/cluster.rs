@@ -12,7 +12,9 @@ pub struct RedisCluster {
     nodes: Vec<RedisServer>,
     /// Client ports nodes advertise instead of their own (`announce_port`): advertised → own.
     announced: std::sync::Mutex<std::collections::HashMap<u16, u16>>,
-    _dir: WorkDir,
+    /// How its nodes were started (for nodes added later).
+    config: RedisConfig,
+    dir: WorkDir,
 }
 
 impl RedisCluster {
@@ -61,7 +63,8 @@ impl RedisCluster {
             let cluster = RedisCluster {
                 nodes,
                 announced: Default::default(),
-                _dir: dir,
+                config,
+                dir,
             };
             cluster.wait_stable()?;
             return Ok(cluster);
@@ -86,10 +89,43 @@ impl RedisCluster {
         let cluster = RedisCluster {
             nodes,
             announced: Default::default(),
-            _dir: dir,
+            config,
+            dir,
         };
         cluster.wait_stable()?;
         Ok(cluster)
+    }
+
+    /// Starts one more node, makes it a replica of the master on `master_port` and waits until
+    /// it is in sync; returns its port.
+    pub fn add_replica(&mut self, master_port: u16) -> anyhow::Result<u16> {
+        let master = self
+            .node(master_port)
+            .ok_or_else(|| anyhow::anyhow!("no node on port {master_port}"))?;
+        let master_id: String = master.cmd(&["CLUSTER", "MYID"])?;
+        let cfg = RedisConfig {
+            cluster_enabled: true,
+            ..self.config.clone()
+        };
+        let i = self.nodes.len();
+        let node = RedisServer::start_in(cfg, self.dir.subdir(&format!("node-{i}"))?)?;
+        let _: () = node.cmd(&["CLUSTER", "MEET", "127.0.0.1", &master_port.to_string()])?;
+        wait_for(
+            "the new node to learn the master",
+            Duration::from_secs(30),
+            || {
+                let nodes: String = node.cmd(&["CLUSTER", "NODES"]).ok()?;
+                nodes
+                    .lines()
+                    .any(|l| l.starts_with(&master_id) && l.contains("master"))
+                    .then_some(())
+            },
+        )?;
+        until_masters_known(|| node.cmd::<String>(&["CLUSTER", "REPLICATE", &master_id]))?;
+        let port = node.port();
+        self.nodes.push(node);
+        self.wait_stable()?;
+        Ok(port)
     }
 
     /// Waits until every node reports `cluster_state:ok` and agrees on the number of masters.

@@ -155,11 +155,42 @@ struct ShardContext {
     shutdown: watch::Receiver<bool>,
 }
 
+/// Node ids of a cluster shard's master and replicas, shared by its loop and the topology
+/// watcher: a replica either of them sees (one a failover may promote) is known to both. A
+/// replica missing from the first `CLUSTER NODES` (a cluster just formed) once left a shard's
+/// loop unable to follow the failover the watcher had seen.
+#[derive(Debug, Clone, Default)]
+struct Members(Arc<Mutex<Vec<String>>>);
+
+impl Members {
+    fn new(ids: Vec<String>) -> Members {
+        Members(Arc::new(Mutex::new(ids)))
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.0.lock().is_ok_and(|m| m.iter().any(|n| n == id))
+    }
+
+    /// Adds the ids not known yet, and returns them.
+    fn add(&self, ids: &[String]) -> Vec<String> {
+        let Ok(mut m) = self.0.lock() else {
+            return Vec::new();
+        };
+        let new: Vec<String> = ids.iter().filter(|id| !m.contains(id)).cloned().collect();
+        m.extend(new.iter().cloned());
+        new
+    }
+
+    fn list(&self) -> Vec<String> {
+        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
 /// How a cluster shard finds its master again: the node ids that belong to it (the master and
 /// its replicas, one of which a failover promotes) and the nodes to ask.
 #[derive(Debug)]
 struct Follow {
-    members: Vec<String>,
+    members: Members,
     /// The nodes to ask, the configured one last (`node_endpoints`).
     seeds: Arc<Mutex<Vec<Endpoint>>>,
     /// Set by the topology watcher when the shard's master changed: the session ends cleanly
@@ -248,6 +279,7 @@ async fn run_cluster(
         let (scope_tx, scope_rx) = watch::channel(master.slots.clone());
         tracing::info!(shard = %shard, "cluster shard served by {} (slots {})", master.address(), ranges_text(&master.slots));
         gauge!("source_cluster_shards").increment(1.0);
+        let members = Members::new(members);
         let follow = Follow {
             members: members.clone(),
             seeds: Arc::clone(&seeds),
@@ -331,10 +363,9 @@ async fn run_cluster(
             match shards.iter_mut().find(|w| w.members.contains(&m.id)) {
                 Some(w) => {
                     // Replicas added since: they may be promoted later.
-                    for r in &m.replicas {
-                        if !w.members.contains(r) {
-                            w.members.push(r.clone());
-                        }
+                    let joined = w.members.add(&m.replicas);
+                    if !joined.is_empty() {
+                        tracing::info!(shard = %w.shard, "new replica(s) of the shard's master: {}", joined.join(", "));
                     }
                     if w.master != m.id {
                         tracing::warn!(shard = %w.shard, "the shard's master is now {} ({}): failover; relinking with the last checkpoint", m.address(), m.id);
@@ -368,7 +399,7 @@ async fn run_cluster(
             if w.absent < RETIRE_AFTER_REFRESHES {
                 return true;
             }
-            tracing::info!(shard = %w.shard, "none of the shard's nodes ({}) is a master with slots any more (its slots moved to other shards, or it left the cluster): stopping its link after a final checkpoint", w.members.join(", "));
+            tracing::info!(shard = %w.shard, "none of the shard's nodes ({}) is a master with slots any more (its slots moved to other shards, or it left the cluster): stopping its link after a final checkpoint", w.members.list().join(", "));
             gauge!("source_cluster_shards").decrement(1.0);
             counter!("source_cluster_shards_retired_total").increment(1);
             let _ = w.stop.send(true);
@@ -416,7 +447,7 @@ fn shard_name(
 struct Watched {
     shard: String,
     /// Node ids of the master and replicas that belong to it.
-    members: Vec<String>,
+    members: Members,
     relink: watch::Sender<()>,
     scope: watch::Sender<Vec<(u16, u16)>>,
     /// Node id of its master.
@@ -468,14 +499,10 @@ async fn resolve(
         .ok_or_else(|| {
             LinkError::Transient(format!(
                 "cluster shard {shard}: none of its nodes ({}) is a master with slots now",
-                follow.members.join(", ")
+                follow.members.list().join(", ")
             ))
         })?;
-    for r in &master.replicas {
-        if !follow.members.contains(r) {
-            follow.members.push(r.clone());
-        }
-    }
+    let _ = follow.members.add(&master.replicas);
     Ok(master)
 }
 
@@ -526,7 +553,7 @@ async fn shard_loop(
             Some(f) => match resolve(&shard, f, timeout).await {
                 Ok(m) => {
                     shared.endpoint = cluster::at(&shared.endpoint, &m.host, m.port);
-                    shared.nodes = f.members.clone();
+                    shared.nodes = f.members.list();
                     f.relink.borrow_and_update();
                     session(&config, &mut shared, &mut shutdown, Some(f.relink.clone())).await
                 }
