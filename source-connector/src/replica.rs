@@ -385,9 +385,9 @@ async fn save_checkpoint(
     counter!("source_checkpoints_total", "shard" => shared.shard.clone()).increment(1);
     gauge!("source_checkpoint_offset", "shard" => shared.shard.clone()).set(c.offset as f64);
     if let Some(migrations) = &shared.migrations {
-        // Deletes this shard dropped for a migration are below its checkpoint now, never to be
-        // replayed: their imports need not be remembered. Should this fail, the records only
-        // stay (a later import of the key replaces them).
+        // This shard's deletes that imports were ordered after, or that were dropped for them,
+        // are below its checkpoint now, never to be replayed: those imports need not be
+        // remembered. Should this fail, the records only stay (a later import replaces them).
         let settled = migrations.settled(&shared.shard, c.offset);
         if !settled.is_empty() {
             let keys: Vec<_> = settled
