@@ -396,7 +396,22 @@ impl Migrations {
     /// Waits for what `order` said (at most `IMPORT_WAIT` in all). Returns the delete the import
     /// is now ordered after, or `None` when there is none or the wait gave up.
     pub async fn wait(&self, shard: &str, before: Before) -> Option<(String, u64)> {
+        if matches!(before, Before::Nothing | Before::Unordered) {
+            return None;
+        }
         let started = std::time::Instant::now();
+        let after = self.wait_for_delete(shard, before, started).await;
+        metrics::histogram!("source_migration_import_wait_seconds", "shard" => shard.to_owned())
+            .record(started.elapsed().as_secs_f64());
+        after
+    }
+
+    async fn wait_for_delete(
+        &self,
+        shard: &str,
+        before: Before,
+        started: std::time::Instant,
+    ) -> Option<(String, u64)> {
         let (other, offset) = match before {
             Before::Nothing | Before::Unordered => return None,
             Before::Delete(other, offset) => (other, offset),

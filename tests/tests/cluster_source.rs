@@ -320,6 +320,9 @@ fn an_import_waits_for_the_lagging_old_owners_writes_and_delete() {
         metric("source_migration_import_wait_timeouts_total", &t.to.1),
         None
     );
+    // The old owner's link was 1.5 s behind: the first import held its link about that long.
+    let held = metric("source_migration_import_wait_seconds_sum", &t.to.1).unwrap_or(0.0);
+    assert!(held >= 1.0, "held {held} s: {}", t.source.log());
     // Ordered after the delete, nothing to drop; the imports' records settle.
     assert_eq!(
         metric("source_migrated_deletes_dropped_total", &t.from.1),
