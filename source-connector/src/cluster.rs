@@ -233,15 +233,13 @@ pub struct Migrations {
 #[derive(Debug, Default)]
 struct MigrationsInner {
     /// Imported key → (importing shard, which import it was).
-    owner: std::collections::HashMap<bytes::Bytes, (String, u64)>,
-    order: std::collections::VecDeque<bytes::Bytes>,
+    owner: Recent<(String, u64), MIGRATIONS_REMEMBERED>,
     imports: u64,
     /// Old owners' deletes of imported keys, until their shard checkpoints past them: (shard,
     /// offset after the delete, key, the import it belongs to).
     settling: std::collections::VecDeque<(String, u64, bytes::Bytes, u64)>,
     /// Recent deletes: key → (shard, replication offset after the delete).
-    deleted: std::collections::HashMap<bytes::Bytes, (String, u64)>,
-    deleted_order: std::collections::VecDeque<bytes::Bytes>,
+    deleted: Recent<(String, u64), DELETES_REMEMBERED>,
     /// Imports waiting for another shard's delete of their key: key → (importing shard, where
     /// to say which shard deleted it, at what offset).
     awaiting: std::collections::HashMap<bytes::Bytes, Vec<(String, DeleteSender)>>,
@@ -305,7 +303,7 @@ impl Migrations {
                 return true;
             }
             // Not when the key was imported again since: that import's record must stay.
-            if inner.owner.get(key).is_some_and(|(_, i)| i == import) {
+            if inner.owner.map.get(key).is_some_and(|(_, i)| i == import) {
                 done.push(key.clone());
             }
             false
@@ -339,9 +337,9 @@ impl Migrations {
         };
         if import {
             let key = &args[1];
-            if let Some((by, offset)) = inner.deleted.get(key).cloned() {
+            if let Some((by, offset)) = inner.deleted.map.get(key).cloned() {
                 if by != shard {
-                    inner.deleted.remove(key);
+                    inner.deleted.map.remove(key);
                     return Before::Delete(by, offset);
                 }
             }
@@ -377,18 +375,9 @@ impl Migrations {
                     continue;
                 }
             }
-            if inner
+            inner
                 .deleted
-                .insert(key.clone(), (shard.to_owned(), end_offset))
-                .is_none()
-            {
-                inner.deleted_order.push_back(key.clone());
-                if inner.deleted_order.len() > DELETES_REMEMBERED {
-                    if let Some(old) = inner.deleted_order.pop_front() {
-                        inner.deleted.remove(&old);
-                    }
-                }
-            }
+                .insert(key.clone(), (shard.to_owned(), end_offset));
         }
         Before::Nothing
     }
@@ -500,18 +489,18 @@ impl Migrations {
         let Ok(mut inner) = self.inner.lock() else {
             return Some(args);
         };
-        if inner.owner.is_empty() {
+        if inner.owner.map.is_empty() {
             return Some(args);
         }
         let inner = &mut *inner;
-        let moved = |k: &bytes::Bytes| inner.owner.get(k).is_some_and(|(o, _)| o != shard);
+        let moved = |k: &bytes::Bytes| inner.owner.map.get(k).is_some_and(|(o, _)| o != shard);
         if !args[1..].iter().any(moved) {
             return Some(args);
         }
         let dropped: Vec<(bytes::Bytes, u64)> = args[1..]
             .iter()
             .filter(|k| moved(k))
-            .map(|k| (k.clone(), inner.owner[k].1))
+            .map(|k| (k.clone(), inner.owner.map[k].1))
             .collect();
         let kept: Vec<bytes::Bytes> = std::iter::once(args[0].clone())
             .chain(args[1..].iter().filter(|k| !moved(k)).cloned())
@@ -530,21 +519,39 @@ impl Migrations {
     }
 }
 
-impl MigrationsInner {
-    fn import(&mut self, key: bytes::Bytes, shard: String) {
-        self.imports += 1;
-        if self
-            .owner
-            .insert(key.clone(), (shard, self.imports))
-            .is_none()
-        {
+/// A map that forgets its oldest keys beyond `CAP` (a key's age is its first insertion).
+#[derive(Debug)]
+struct Recent<V, const CAP: usize> {
+    map: std::collections::HashMap<bytes::Bytes, V>,
+    order: std::collections::VecDeque<bytes::Bytes>,
+}
+
+impl<V, const CAP: usize> Default for Recent<V, CAP> {
+    fn default() -> Self {
+        Recent {
+            map: Default::default(),
+            order: Default::default(),
+        }
+    }
+}
+
+impl<V, const CAP: usize> Recent<V, CAP> {
+    fn insert(&mut self, key: bytes::Bytes, value: V) {
+        if self.map.insert(key.clone(), value).is_none() {
             self.order.push_back(key);
-            if self.order.len() > MIGRATIONS_REMEMBERED {
+            if self.order.len() > CAP {
                 if let Some(old) = self.order.pop_front() {
-                    self.owner.remove(&old);
+                    self.map.remove(&old);
                 }
             }
         }
+    }
+}
+
+impl MigrationsInner {
+    fn import(&mut self, key: bytes::Bytes, shard: String) {
+        self.imports += 1;
+        self.owner.insert(key, (shard, self.imports));
     }
 
     fn settle_after(&mut self, shard: String, offset: u64, key: bytes::Bytes, import: u64) {

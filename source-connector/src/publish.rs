@@ -405,8 +405,7 @@ impl Publisher {
         key: &[u8],
         payload: &[u8],
     ) -> anyhow::Result<()> {
-        self.send_all_and_wait(topic, &[(key.to_vec(), Some(payload.to_vec()))])
-            .await
+        self.send_all_and_wait(topic, &[(key, Some(payload))]).await
     }
 
     /// Produces records (a `None` payload is a tombstone) to partition 0 of another topic, all
@@ -414,15 +413,15 @@ impl Publisher {
     pub async fn send_all_and_wait(
         &self,
         topic: &str,
-        records: &[(Vec<u8>, Option<Vec<u8>>)],
+        records: &[(&[u8], Option<&[u8]>)],
     ) -> anyhow::Result<()> {
         let mut waiting = Vec::new();
-        for (key, payload) in records {
+        for &(key, payload) in records {
             let (opaque, delivered) = self.deliveries.waiter();
             let mut record = BaseRecord::<[u8], [u8], _>::with_opaque_to(topic, opaque)
-                .key(key.as_slice())
+                .key(key)
                 .partition(0);
-            record.payload = payload.as_deref();
+            record.payload = payload;
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 match self.producer.send(record) {

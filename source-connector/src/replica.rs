@@ -390,12 +390,10 @@ async fn save_checkpoint(
         // remembered. Should this fail, the records only stay (a later import replaces them).
         let settled = migrations.settled(&shared.shard, c.offset);
         if !settled.is_empty() {
-            let keys: Vec<_> = settled
-                .iter()
-                .map(|k| (checkpoint::import_key(k), None))
-                .collect();
+            let keys: Vec<Vec<u8>> = settled.iter().map(|k| checkpoint::import_key(k)).collect();
+            let tombstones: Vec<_> = keys.iter().map(|k| (k.as_slice(), None)).collect();
             match publisher
-                .send_all_and_wait(&shared.checkpoint_topic, &keys)
+                .send_all_and_wait(&shared.checkpoint_topic, &tombstones)
                 .await
             {
                 Ok(()) => counter!("source_migration_imports_settled_total", "shard" => shared.shard.clone())
@@ -810,9 +808,13 @@ async fn publish_imports(
         return Ok(());
     }
     let value = checkpoint::encode_import(&shared.shard);
-    let records: Vec<_> = imports
+    let keys: Vec<Vec<u8>> = imports
         .iter()
-        .map(|c| (checkpoint::import_key(&c.args[1]), Some(value.clone())))
+        .map(|c| checkpoint::import_key(&c.args[1]))
+        .collect();
+    let records: Vec<_> = keys
+        .iter()
+        .map(|k| (k.as_slice(), Some(value.as_slice())))
         .collect();
     let started = Instant::now();
     publisher
