@@ -6,6 +6,10 @@
 //! message is copied once into one buffer, and the record decoded from it (`proto::topic::decode`
 //! over `Bytes`) slices its values out of that buffer instead of copying each argument again.
 //! Key and headers are kept only for a dead-letter copy of the original.
+//!
+//! It also keeps the message's Kafka timestamp and when the lane took it from the consumer: the
+//! two points that split a record's end-to-end latency into the source's, Kafka's and the sink's
+//! shares (`sink_stage_latency_seconds`).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rdkafka::message::{Headers, Message};
@@ -14,6 +18,11 @@ use std::ops::Range;
 #[derive(Debug, Clone)]
 pub struct Incoming {
     offset: i64,
+    /// The message's Kafka timestamp (Unix ms): when the source connector produced it
+    /// (`CreateTime`, librdkafka's default) or when the broker appended it (`LogAppendTime`).
+    kafka_ms: Option<i64>,
+    /// When the lane took the message from the consumer (Unix ms).
+    taken_ms: i64,
     /// The payload, then the key, then the headers' names and values.
     buf: Bytes,
     payload_len: usize,
@@ -22,7 +31,8 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    pub fn new<M: Message>(m: &M) -> Incoming {
+    /// Copies `m`, taken by the lane at `taken_ms` (Unix ms).
+    pub fn new<M: Message>(m: &M, taken_ms: i64) -> Incoming {
         let payload = m.payload().unwrap_or_default();
         let key = m.key();
         let borrowed = m.headers();
@@ -47,6 +57,8 @@ impl Incoming {
         });
         Incoming {
             offset: m.offset(),
+            kafka_ms: m.timestamp().to_millis(),
+            taken_ms,
             buf: buf.freeze(),
             payload_len: payload.len(),
             key,
@@ -56,6 +68,14 @@ impl Incoming {
 
     pub fn offset(&self) -> i64 {
         self.offset
+    }
+
+    pub fn kafka_ms(&self) -> Option<i64> {
+        self.kafka_ms
+    }
+
+    pub fn taken_ms(&self) -> i64 {
+        self.taken_ms
     }
 
     /// The payload, sharing this message's buffer.
@@ -104,20 +124,22 @@ mod tests {
             Some(b"payload".to_vec()),
             Some(b"k".to_vec()),
             "t".into(),
-            Timestamp::NotAvailable,
+            Timestamp::CreateTime(1_000),
             3,
             42,
             Some(headers),
         );
-        let i = Incoming::new(&m);
+        let i = Incoming::new(&m, 1_007);
         assert_eq!(i.offset(), 42);
+        assert_eq!((i.kafka_ms(), i.taken_ms()), (Some(1_000), 1_007));
         assert_eq!(&i.payload()[..], b"payload");
         assert_eq!(i.key(), Some(&b"k"[..]));
         assert_eq!(i.header("content-type"), Some(&b"x"[..]));
         assert_eq!(i.header("empty"), None);
         assert_eq!(i.headers().count(), 2);
         let bare = OwnedMessage::new(None, None, "t".into(), Timestamp::NotAvailable, 0, 1, None);
-        let i = Incoming::new(&bare);
+        let i = Incoming::new(&bare, 0);
         assert!(i.payload().is_empty() && i.key().is_none() && i.headers().count() == 0);
+        assert_eq!(i.kafka_ms(), None);
     }
 }

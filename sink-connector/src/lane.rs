@@ -143,7 +143,42 @@ pub struct Lane {
     /// Per-record metrics, registered once.
     skipped_duplicates: metrics::Counter,
     snapshot_keys: metrics::Counter,
+    latency: Latency,
+}
+
+/// A record's latency, capture → applied, whole and by stage.
+#[derive(Debug)]
+struct Latency {
     end_to_end: metrics::Histogram,
+    /// Capture → the message's Kafka timestamp: the source connector's share.
+    source: metrics::Histogram,
+    /// Kafka timestamp → taken by the lane: the producer's batching, the broker and the fetch.
+    kafka: metrics::Histogram,
+    /// Taken by the lane → applied: decoding, batching, barriers, retries and the write.
+    sink: metrics::Histogram,
+}
+
+impl Latency {
+    fn new() -> Latency {
+        let stage = |s: &'static str| histogram!("sink_stage_latency_seconds", "stage" => s);
+        Latency {
+            end_to_end: histogram!("sink_end_to_end_seconds"),
+            source: stage("source"),
+            kafka: stage("kafka"),
+            sink: stage("sink"),
+        }
+    }
+
+    /// A record captured at `capture_ms`, carried by `message`, applied at `applied_ms`.
+    fn record(&self, capture_ms: i64, message: &Incoming, applied_ms: i64) {
+        let secs = |from: i64, to: i64| (to - from).max(0) as f64 / 1000.0;
+        self.end_to_end.record(secs(capture_ms, applied_ms));
+        if let Some(kafka_ms) = message.kafka_ms() {
+            self.source.record(secs(capture_ms, kafka_ms));
+            self.kafka.record(secs(kafka_ms, message.taken_ms()));
+        }
+        self.sink.record(secs(message.taken_ms(), applied_ms));
+    }
 }
 
 /// A record being applied, with where it came from.
@@ -170,7 +205,7 @@ impl Lane {
         Ok(Lane {
             skipped_duplicates: counter!("sink_records_skipped_total", "partition" => label.clone(), "reason" => "duplicate"),
             snapshot_keys: counter!("sink_snapshot_keys_total", "partition" => label.clone()),
-            end_to_end: histogram!("sink_end_to_end_seconds"),
+            latency: Latency::new(),
             label,
             env,
             partition,
@@ -1013,8 +1048,7 @@ impl Lane {
                 Ok(()) | Err(ApplyFailure::Continue) => {
                     let now = service::now_ms();
                     for p in batch.iter() {
-                        self.end_to_end
-                            .record((now - p.capture_ms).max(0) as f64 / 1000.0);
+                        self.latency.record(p.capture_ms, &p.message, now);
                     }
                     let n_cmds: usize = batch.iter().map(|p| p.ops.len()).sum();
                     counter!("sink_records_applied_total", "partition" => self.label.clone())
@@ -1409,8 +1443,7 @@ impl Lane {
         self.applied.insert(shard.to_owned(), position);
         histogram!("sink_barrier_wait_seconds", "partition" => self.label.clone())
             .record(started.elapsed().as_secs_f64());
-        self.end_to_end
-            .record((service::now_ms() - capture_ms).max(0) as f64 / 1000.0);
+        self.latency.record(capture_ms, message, service::now_ms());
         counter!("sink_records_applied_total", "partition" => self.label.clone()).increment(1);
         Ok(())
     }
@@ -1670,9 +1703,10 @@ pub async fn run(
                 }
             };
             lane.fed();
+            let taken_ms = service::now_ms();
             let mut messages = Vec::new();
             match first {
-                Ok(m) => messages.push(Incoming::new(&m)),
+                Ok(m) => messages.push(Incoming::new(&m, taken_ms)),
                 Err(e) => {
                     tracing::warn!(partition = lane.partition, "Kafka: {e}");
                     continue;
@@ -1683,7 +1717,7 @@ pub async fn run(
                 match queue.recv().now_or_never() {
                     Some(Ok(m)) => {
                         bytes += m.payload().map_or(0, <[u8]>::len);
-                        messages.push(Incoming::new(&m));
+                        messages.push(Incoming::new(&m, taken_ms));
                     }
                     _ => break,
                 }

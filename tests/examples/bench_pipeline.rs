@@ -163,7 +163,25 @@ fn main() -> anyhow::Result<()> {
 
     // 2a. End-to-end latency at a steady 20k writes/s (the figure): 100 SETs every 5 ms
     // for 10 s, as one pipeline each.
-    let before = histogram_counts(&sink, "sink_end_to_end_seconds");
+    let latencies = |sink: &Connector| {
+        let stage = |s: &str| {
+            histogram_counts(
+                sink,
+                "sink_stage_latency_seconds",
+                &format!("stage=\"{s}\""),
+            )
+        };
+        [
+            (
+                "capture -> applied",
+                histogram_counts(sink, "sink_end_to_end_seconds", ""),
+            ),
+            ("  of which source", stage("source")),
+            ("  of which kafka", stage("kafka")),
+            ("  of which sink", stage("sink")),
+        ]
+    };
+    let before = latencies(&sink);
     let mut conn = source.conn();
     let paced = Instant::now();
     let mut sent = 0u64;
@@ -196,13 +214,15 @@ fn main() -> anyhow::Result<()> {
                 .filter(|v| *v == (sent - 1).to_string())
         },
     )?;
-    let after = histogram_counts(&sink, "sink_end_to_end_seconds");
-    let delta = histogram_delta(&before, &after);
-    println!(
-        "  latency at {rate:.0} writes/s for 10 s (capture -> applied): p50 <= {}, p99 <= {}",
-        quantile(&delta, 0.5),
-        quantile(&delta, 0.99)
-    );
+    println!("  latency at {rate:.0} writes/s for 10 s (upper bounds of the quantiles' buckets):");
+    for ((what, before), (_, after)) in before.iter().zip(latencies(&sink)) {
+        let delta = histogram_delta(before, &after);
+        println!(
+            "    {what}: p50 <= {}, p99 <= {}",
+            quantile(&delta, 0.5),
+            quantile(&delta, 0.99)
+        );
+    }
 
     // 2b. Throughput through the whole pipeline.
     let before = sink
@@ -308,15 +328,19 @@ fn cpu_seconds(processes: &[(&str, u32)]) -> Vec<f64> {
         .collect()
 }
 
-/// Cumulative bucket counts `(le, count)` of a histogram on a connector's `/metrics`.
-fn histogram_counts(connector: &Connector, name: &str) -> Vec<(f64, f64)> {
+/// Cumulative bucket counts `(le, count)` of a histogram on a connector's `/metrics`, of the
+/// series whose labels include `label` (`stage="sink"`, say; "" for any).
+fn histogram_counts(connector: &Connector, name: &str, label: &str) -> Vec<(f64, f64)> {
     let body = connector
         .http_get("/metrics")
         .map(|(_, b)| b)
         .unwrap_or_default();
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in body.lines() {
-        if let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{")) {
+        if let Some(rest) = line
+            .strip_prefix(&format!("{name}_bucket{{"))
+            .filter(|rest| rest.contains(label))
+        {
             let le = rest.split("le=\"").nth(1).and_then(|r| r.split('"').next());
             let v = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
             if let (Some(le), Some(v)) = (le, v) {
@@ -348,6 +372,6 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> String {
     buckets
         .iter()
         .find(|(_, c)| *c >= q * total)
-        .map(|(le, _)| format!("{} ms", le * 1000.0))
+        .map(|(le, _)| format!("{} ms", (le * 10_000.0).round() / 10.0))
         .unwrap_or_else(|| "n/a".into())
 }

@@ -137,6 +137,25 @@ fn standalone_to_standalone_every_type() {
     }
     let report = p.compare().unwrap();
     assert!(report.is_equal(), "caught up but not equal:\n{report}");
+    // Every record's end-to-end latency splits into the source's, Kafka's and the sink's shares,
+    // which add up to it (one host, one clock, whole milliseconds).
+    let (_, metrics) = p.sink.http_get("/metrics").unwrap();
+    let metric = |name: &str, labels: &[(&str, &str)]| {
+        harness::connector::parse_metric(&metrics, name, labels).unwrap_or(0.0)
+    };
+    let records = metric("sink_end_to_end_seconds_count", &[]);
+    let mut stages_sum = 0.0;
+    for stage in ["source", "kafka", "sink"] {
+        let count = metric("sink_stage_latency_seconds_count", &[("stage", stage)]);
+        assert_eq!(count, records, "records timed in stage {stage}");
+        stages_sum += metric("sink_stage_latency_seconds_sum", &[("stage", stage)]);
+    }
+    let total = metric("sink_end_to_end_seconds_sum", &[]);
+    assert!(records > 300.0, "{records} records timed");
+    assert!(
+        (stages_sum - total).abs() < 1e-6 * records,
+        "stages add up to {stages_sum} s, end to end {total} s"
+    );
     // The function arrived too.
     let libs: redis::Value = redis::cmd("FUNCTION")
         .arg("LIST")
