@@ -161,68 +161,8 @@ fn main() -> anyhow::Result<()> {
         ("target redis", target.pid()),
     ];
 
-    // 2a. End-to-end latency at a steady 20k writes/s (the figure): 100 SETs every 5 ms
-    // for 10 s, as one pipeline each.
-    let latencies = |sink: &Connector| {
-        let stage = |s: &str| {
-            histogram_counts(
-                sink,
-                "sink_stage_latency_seconds",
-                &format!("stage=\"{s}\""),
-            )
-        };
-        [
-            (
-                "capture -> applied",
-                histogram_counts(sink, "sink_end_to_end_seconds", ""),
-            ),
-            ("  of which source", stage("source")),
-            ("  of which kafka", stage("kafka")),
-            ("  of which sink", stage("sink")),
-        ]
-    };
-    let before = latencies(&sink);
-    let mut conn = source.conn();
-    let paced = Instant::now();
-    let mut sent = 0u64;
-    while paced.elapsed() < Duration::from_secs(10) {
-        let due = (paced.elapsed().as_millis() as u64 / 5 + 1) * 100;
-        let mut pipe = redis::pipe();
-        while sent < due {
-            pipe.cmd("SET")
-                .arg(format!("paced:{}", sent % 100_000))
-                .arg(sent)
-                .ignore();
-            sent += 1;
-        }
-        pipe.query::<()>(&mut conn)?;
-        std::thread::sleep(
-            Duration::from_millis(5).saturating_sub(Duration::from_micros(
-                paced.elapsed().as_micros() as u64 % 5000,
-            )),
-        );
-    }
-    let rate = sent as f64 / paced.elapsed().as_secs_f64();
-    harness::wait_for(
-        "the paced writes to be applied",
-        Duration::from_secs(60),
-        || {
-            target
-                .cmd::<Option<String>>(&["GET", &format!("paced:{}", (sent - 1) % 100_000)])
-                .ok()
-                .flatten()
-                .filter(|v| *v == (sent - 1).to_string())
-        },
-    )?;
-    println!("  latency at {rate:.0} writes/s for 10 s (upper bounds of the quantiles' buckets):");
-    for ((what, before), (_, after)) in before.iter().zip(latencies(&sink)) {
-        let delta = histogram_delta(before, &after);
-        println!(
-            "    {what}: p50 <= {}, p99 <= {}",
-            quantile(&delta, 0.5),
-            quantile(&delta, 0.99)
-        );
-    }
+    // 2a. End-to-end latency at a steady 20k writes/s (the figure).
+    paced_latency(&source, &target, &sink, "the sink's defaults")?;
 
     // 2b. Throughput through the whole pipeline.
     let before = sink
@@ -312,7 +252,102 @@ fn main() -> anyhow::Result<()> {
         "  sink alone, catching up on the burst: {alone:>10.0} SET/s  (ratio {:.2}; sink max RSS {max_sink_rss} MB)",
         alone / reference
     );
+
+    // 2d. The same latency with the sink fetching with `fetch.wait.max.ms` 10 ms instead of its
+    // 100: the share of the test broker's fetch wait (it reads a partition again only after half
+    // the remaining wait; docs/benchmarks.md).
+    sink.stop();
+    let mut config = std::fs::read_to_string(sink.config_path())?;
+    config.push_str("\n[kafka.properties]\n\"fetch.wait.max.ms\" = \"10\"\n");
+    std::fs::write(sink.config_path(), config)?;
+    sink.restart()?;
+    paced_latency(&source, &target, &sink, "fetch.wait.max.ms 10")?;
     drop(source_connector);
+    Ok(())
+}
+
+/// Writes 100 SETs every 5 ms for 10 s, each batch as one pipeline, and prints the quantiles of
+/// their latency, capture to applied, whole and by stage.
+fn paced_latency(
+    source: &RedisServer,
+    target: &RedisServer,
+    sink: &Connector,
+    setting: &str,
+) -> anyhow::Result<()> {
+    let latencies = |sink: &Connector| {
+        let stage = |s: &str| {
+            histogram_counts(
+                sink,
+                "sink_stage_latency_seconds",
+                &format!("stage=\"{s}\""),
+            )
+        };
+        [
+            (
+                "capture -> applied",
+                histogram_counts(sink, "sink_end_to_end_seconds", ""),
+            ),
+            ("  of which source", stage("source")),
+            ("  of which kafka", stage("kafka")),
+            ("  of which sink", stage("sink")),
+        ]
+    };
+    // Each run's values are its own, so that its last write is told apart from an earlier run's.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let value = |n: u64| format!("{n}/{run}");
+    // Measure only once the sink applies (a restarted one first rejoins its group).
+    source.cmd::<()>(&["SET", "paced:ready", &value(0)])?;
+    harness::wait_for("the sink to apply", Duration::from_secs(60), || {
+        target
+            .cmd::<Option<String>>(&["GET", "paced:ready"])
+            .ok()
+            .flatten()
+            .filter(|v| *v == value(0))
+    })?;
+    let before = latencies(sink);
+    let mut conn = source.conn();
+    let paced = Instant::now();
+    let mut sent = 0u64;
+    while paced.elapsed() < Duration::from_secs(10) {
+        let due = (paced.elapsed().as_millis() as u64 / 5 + 1) * 100;
+        let mut pipe = redis::pipe();
+        while sent < due {
+            pipe.cmd("SET")
+                .arg(format!("paced:{}", sent % 100_000))
+                .arg(value(sent))
+                .ignore();
+            sent += 1;
+        }
+        pipe.query::<()>(&mut conn)?;
+        std::thread::sleep(
+            Duration::from_millis(5).saturating_sub(Duration::from_micros(
+                paced.elapsed().as_micros() as u64 % 5000,
+            )),
+        );
+    }
+    let rate = sent as f64 / paced.elapsed().as_secs_f64();
+    harness::wait_for(
+        "the paced writes to be applied",
+        Duration::from_secs(60),
+        || {
+            target
+                .cmd::<Option<String>>(&["GET", &format!("paced:{}", (sent - 1) % 100_000)])
+                .ok()
+                .flatten()
+                .filter(|v| *v == value(sent - 1))
+        },
+    )?;
+    println!("  latency at {rate:.0} writes/s for 10 s, {setting} (upper bounds of the quantiles' buckets):");
+    for ((what, before), (_, after)) in before.iter().zip(latencies(sink)) {
+        let delta = histogram_delta(before, &after);
+        println!(
+            "    {what}: p50 <= {}, p99 <= {}",
+            quantile(&delta, 0.5),
+            quantile(&delta, 0.99)
+        );
+    }
     Ok(())
 }
 
