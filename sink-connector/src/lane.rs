@@ -261,9 +261,10 @@ impl Lane {
                         (backoff * 2).min(Duration::from_millis(self.env.cfg.apply.max_backoff_ms));
                 }
                 Err(e) => {
-                    return Err(Stop::Halted(format!(
-                        "target {}: {e}",
-                        self.target.address()
+                    return Err(self.halt(&format!(
+                        "partition {}: {} on the target failed: {e}",
+                        self.partition,
+                        String::from_utf8_lossy(&args[0])
                     )))
                 }
             }
@@ -1159,6 +1160,10 @@ impl Lane {
                     self.pause(wait).await.map_err(ApplyFailure::Stop)?;
                     backoff =
                         (backoff * 2).min(Duration::from_millis(self.env.cfg.apply.max_backoff_ms));
+                }
+                e if e.is_authentication() => {
+                    let what = format!("partition {}: {e}", self.partition);
+                    return Err(ApplyFailure::Stop(self.halt(&what)));
                 }
                 ApplyError::Permanent {
                     code, message, op, ..

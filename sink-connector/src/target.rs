@@ -29,6 +29,12 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
+    /// Whether the error is the target refusing this connection (authentication), not one
+    /// record's write: no record is to blame, so none is rejected or dead-lettered for it.
+    pub fn is_authentication(&self) -> bool {
+        matches!(self, ApplyError::Permanent { code, .. } if matches!(code.as_str(), "AUTH" | "NOAUTH" | "WRONGPASS"))
+    }
+
     /// A command refused before it ran: transient or permanent by its code.
     fn refused(code: String, message: String, op: Option<usize>) -> ApplyError {
         if is_transient(&code) {
@@ -203,7 +209,7 @@ impl Target {
         &self.address
     }
 
-    fn connection_error(&mut self, e: impl std::fmt::Display) -> ApplyError {
+    fn connection_error(&mut self, e: redis::RedisError) -> ApplyError {
         self.conn = None;
         if let Some(c) = self.cluster.as_mut() {
             // A node went away (failover?): read the map again; the lane verifies its
@@ -212,12 +218,17 @@ impl Target {
             c.stale = true;
         }
         let text = e.to_string();
-        // Authentication problems do not fix themselves.
-        let lower = text.to_ascii_lowercase();
-        if lower.contains("wrongpass") || lower.contains("noauth") || lower.contains("noperm") {
+        // Authentication problems do not fix themselves. redis-rs turns a refused AUTH
+        // (WRONGPASS) into its own kind and keeps the server's code for the others.
+        if e.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+        {
             return ApplyError::Permanent {
                 code: "AUTH".into(),
-                message: format!("target {}: {text}", self.address),
+                message: format!(
+                    "target {}: {text} (check the user and password of redis.url and its ACL rules)",
+                    self.address
+                ),
                 op: None,
                 applied: false,
             };

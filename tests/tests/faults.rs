@@ -1027,3 +1027,55 @@ fn sink_kill9_during_the_snapshot() {
         recovery,
     );
 }
+
+/// A wrong password for the target: every lane halts with one line naming the target and the
+/// refusal, `/health` says so, and nothing is applied or committed. With the password corrected
+/// and the sink restarted, the target ends equal: nothing was lost.
+#[test]
+fn a_wrong_target_password_halts_the_lanes_and_loses_nothing() {
+    let sink_user = ("redis-repl-sink".to_string(), "right".to_string());
+    let mut p = Pipeline::start(Options {
+        target: RedisConfig {
+            acl_users: vec![(
+                sink_user.0.clone(),
+                sink_user.1.clone(),
+                "~* &* +@all".into(),
+            )],
+            ..RedisConfig::default().with("maxmemory-policy", "noeviction")
+        },
+        target_user: Some((sink_user.0.clone(), "wrong".into())),
+        ..Options::default()
+    })
+    .unwrap();
+    exec(&mut p.source.conn(), &[b"SET", b"k", b"1"]);
+    exec(&mut p.source.conn(), &[b"INCR", b"n"]);
+    let partitions = p.options.partitions;
+    harness::wait_for("every lane to halt", Duration::from_secs(60), || {
+        let halted = p.sink.metric("sink_lane_halted", &[])?;
+        (halted == f64::from(partitions)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
+    let (status, body) = p.sink.http_get("/health").unwrap();
+    assert_eq!(status, 503, "{body}");
+    let log = p.sink.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("lane halted"))
+        .unwrap_or_else(|| panic!("no halt line:\n{log}"));
+    assert!(
+        line.contains(&p.target.addr())
+            && line.contains("authentication failed")
+            && line.contains("redis.url"),
+        "{line}"
+    );
+    assert_eq!(p.target.cmd::<u64>(&["DBSIZE"]).unwrap(), 0);
+
+    // The password corrected: everything arrives.
+    p.sink.stop();
+    let config = std::fs::read_to_string(p.sink.config_path())
+        .unwrap()
+        .replace(":wrong@", ":right@");
+    std::fs::write(p.sink.config_path(), config).unwrap();
+    p.sink.restart().unwrap();
+    p.wait_equal(Duration::from_secs(120)).unwrap();
+}
