@@ -218,11 +218,8 @@ impl Target {
             c.stale = true;
         }
         let text = e.to_string();
-        // Authentication problems do not fix themselves. redis-rs turns a refused AUTH
-        // (WRONGPASS) into its own kind and keeps the server's code for the others.
-        if e.kind() == redis::ErrorKind::AuthenticationFailed
-            || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
-        {
+        // Authentication problems do not fix themselves.
+        if source_connector::cluster::refused_credentials(&e) {
             return ApplyError::Permanent {
                 code: "AUTH".into(),
                 message: format!(

@@ -139,11 +139,7 @@ pub fn discover(
         Ok(c) => c,
         // Wrong credentials or certificates: the replica link's handshake reports them (and
         // stops) the same way for a standalone server and a cluster node.
-        Err(e)
-            if e.kind() == redis::ErrorKind::AuthenticationFailed
-                || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
-                || (endpoint.tls && is_tls_failure(&e)) =>
-        {
+        Err(e) if refused_credentials(&e) || (endpoint.tls && is_tls_failure(&e)) => {
             tracing::debug!("source {address}: {e}");
             return Ok(None);
         }
@@ -170,6 +166,13 @@ pub fn discover(
             Ok(None)
         }
     }
+}
+
+/// Whether Redis refused the connection's credentials: redis-rs turns a refused `AUTH`
+/// (`WRONGPASS`) into its own error kind and keeps the server's code for the others.
+pub fn refused_credentials(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
 }
 
 /// A TLS handshake that failed on the certificates (the replica link reports it as fatal).
