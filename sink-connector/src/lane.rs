@@ -181,6 +181,83 @@ impl Latency {
     }
 }
 
+/// A lane retrying something the target refuses for now (`OOM`, `LOADING`, `READONLY`, a lost
+/// connection…): capped exponential backoff with jitter, until it succeeds. The stall shows in
+/// `sink_lane_stalled`, `sink_lane_stalled_seconds` and `sink_retries_total`, with a warning
+/// when it begins, again every retry once it has lasted 10 s at the capped backoff, and a line
+/// when it ends.
+#[derive(Debug)]
+struct Stall {
+    since: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Stall {
+    fn new(first: Duration) -> Stall {
+        Stall {
+            since: None,
+            backoff: first,
+        }
+    }
+
+    /// Counts a refused attempt at `what`; returns how long to wait before the next one.
+    fn refused(&mut self, lane: &Lane, what: &str, code: &str, message: &str) -> Duration {
+        let partition = lane.partition;
+        let since = *self.since.get_or_insert_with(|| {
+            gauge!("sink_lane_stalled", "partition" => lane.label.clone()).set(1.0);
+            tracing::warn!(
+                partition,
+                "target refused {what} ({code} {message}); retrying until it succeeds"
+            );
+            Instant::now()
+        });
+        counter!("sink_retries_total", "partition" => lane.label.clone(), "code" => code.to_owned())
+            .increment(1);
+        gauge!("sink_lane_stalled_seconds", "partition" => lane.label.clone())
+            .set(since.elapsed().as_secs_f64());
+        let max = Duration::from_millis(lane.env.cfg.apply.max_backoff_ms);
+        if since.elapsed() > Duration::from_secs(10) && self.backoff >= max {
+            tracing::warn!(
+                partition,
+                "still stalled after {:?}: {code} {message}",
+                since.elapsed()
+            );
+        }
+        let backoff = self.backoff;
+        self.backoff = (backoff * 2).min(max);
+        backoff
+            + Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1))
+    }
+
+    /// Waits before the next attempt; a revoked lane stops waiting and leaves the stall.
+    async fn wait(&mut self, lane: &mut Lane, wait: Duration) -> Result<(), Stop> {
+        let paused = lane.pause(wait).await;
+        if paused.is_err() {
+            self.clear(lane);
+        }
+        paused
+    }
+
+    /// The target took it: the stall, if any, is over.
+    fn ended(&mut self, lane: &Lane) {
+        if let Some(since) = self.since {
+            tracing::info!(
+                partition = lane.partition,
+                "target accepts writes again after {:?}",
+                since.elapsed()
+            );
+            self.clear(lane);
+        }
+    }
+
+    fn clear(&mut self, lane: &Lane) {
+        if self.since.take().is_some() {
+            gauge!("sink_lane_stalled", "partition" => lane.label.clone()).set(0.0);
+            gauge!("sink_lane_stalled_seconds", "partition" => lane.label.clone()).set(0.0);
+        }
+    }
+}
+
 /// A record being applied, with where it came from.
 struct Pending {
     offset: i64,
@@ -246,19 +323,17 @@ impl Lane {
 
     /// Runs a non-transactional command, retrying transient errors.
     async fn query(&mut self, args: &[Bytes]) -> Result<Value, Stop> {
-        let mut backoff = Duration::from_millis(20);
+        let mut stall = Stall::new(Duration::from_millis(20));
         loop {
             match self.target.query(args).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    stall.ended(self);
+                    return Ok(v);
+                }
                 Err(ApplyError::Transient { code, message }) => {
-                    counter!("sink_retries_total", "partition" => self.label.clone(), "code" => code.clone()).increment(1);
-                    tracing::warn!(
-                        partition = self.partition,
-                        "target: {code} {message}; retrying"
-                    );
-                    self.pause(backoff).await?;
-                    backoff =
-                        (backoff * 2).min(Duration::from_millis(self.env.cfg.apply.max_backoff_ms));
+                    let what = String::from_utf8_lossy(&args[0]);
+                    let wait = stall.refused(self, &what, &code, &message);
+                    stall.wait(self, wait).await?;
                 }
                 Err(e) => {
                     return Err(self.halt(&format!(
@@ -1092,8 +1167,7 @@ impl Lane {
 
     /// Applies ops atomically, retrying transient errors until they succeed.
     async fn apply(&mut self, ops: &[Op]) -> Result<(), ApplyFailure> {
-        let mut backoff = Duration::from_millis(10);
-        let mut stalled_since: Option<Instant> = None;
+        let mut stall = Stall::new(Duration::from_millis(10));
         let keep = self.env.cfg.apply.snapshot_conflict == Conflict::Keep;
         loop {
             if self.target.unverified() {
@@ -1113,16 +1187,7 @@ impl Lane {
             let result = self.target.exec(ops).await;
             let error = match result {
                 Ok(results) => {
-                    if let Some(since) = stalled_since {
-                        gauge!("sink_lane_stalled", "partition" => self.label.clone()).set(0.0);
-                        gauge!("sink_lane_stalled_seconds", "partition" => self.label.clone())
-                            .set(0.0);
-                        tracing::info!(
-                            partition = self.partition,
-                            "target accepts writes again after {:?}",
-                            since.elapsed()
-                        );
-                    }
+                    stall.ended(self);
                     match target::runtime_error(&results, |code| keep && code == "BUSYKEY") {
                         None => return Ok(()),
                         Some(e) => {
@@ -1136,30 +1201,8 @@ impl Lane {
             };
             match error {
                 ApplyError::Transient { code, message } => {
-                    let since = *stalled_since.get_or_insert_with(|| {
-                        gauge!("sink_lane_stalled", "partition" => self.label.clone()).set(1.0);
-                        tracing::warn!(partition = self.partition, "target refused the write ({code} {message}); retrying until it succeeds");
-                        Instant::now()
-                    });
-                    counter!("sink_retries_total", "partition" => self.label.clone(), "code" => code.clone()).increment(1);
-                    let wait = backoff
-                        + Duration::from_millis(
-                            rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1),
-                        );
-                    gauge!("sink_lane_stalled_seconds", "partition" => self.label.clone())
-                        .set(since.elapsed().as_secs_f64());
-                    if since.elapsed() > Duration::from_secs(10)
-                        && backoff >= Duration::from_millis(self.env.cfg.apply.max_backoff_ms)
-                    {
-                        tracing::warn!(
-                            partition = self.partition,
-                            "still stalled after {:?}: {code} {message}",
-                            since.elapsed()
-                        );
-                    }
-                    self.pause(wait).await.map_err(ApplyFailure::Stop)?;
-                    backoff =
-                        (backoff * 2).min(Duration::from_millis(self.env.cfg.apply.max_backoff_ms));
+                    let wait = stall.refused(self, "the write", &code, &message);
+                    stall.wait(self, wait).await.map_err(ApplyFailure::Stop)?;
                 }
                 e if e.is_authentication() => {
                     let what = format!("partition {}: {e}", self.partition);
@@ -1500,15 +1543,16 @@ impl Lane {
     /// The target's keys with their db: of `db`, or of every db that holds keys (`None`),
     /// retrying transient errors.
     async fn target_keys(&mut self, db: Option<u32>) -> Result<Vec<(u32, Bytes)>, Stop> {
+        let mut stall = Stall::new(Duration::from_millis(200));
         loop {
             match self.target.keys(db).await {
-                Ok(keys) => return Ok(keys),
+                Ok(keys) => {
+                    stall.ended(self);
+                    return Ok(keys);
+                }
                 Err(ApplyError::Transient { code, message }) => {
-                    tracing::warn!(
-                        partition = self.partition,
-                        "target: {code} {message}; retrying the scan"
-                    );
-                    self.pause(Duration::from_millis(200)).await?;
+                    let wait = stall.refused(self, "the key scan", &code, &message);
+                    stall.wait(self, wait).await?;
                 }
                 Err(e) => return Err(self.halt(&format!("cannot list the target's keys: {e}"))),
             }

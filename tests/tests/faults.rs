@@ -1079,3 +1079,47 @@ fn a_wrong_target_password_halts_the_lanes_and_loses_nothing() {
     p.sink.restart().unwrap();
     p.wait_equal(Duration::from_secs(120)).unwrap();
 }
+
+/// The target unreachable when the sink starts: the lanes retry their first checkpoint read and
+/// show it (`sink_lane_stalled`, `sink_retries_total{code="CONNECTION"}`) instead of waiting
+/// silently; once the target answers, the stall ends and the target ends equal.
+#[test]
+fn a_target_unreachable_at_start_shows_as_stalled_lanes() {
+    let p = Pipeline::start(Options {
+        proxies: true,
+        ..Options::default()
+    })
+    .unwrap();
+    // The sink joins its group for a few seconds before a lane reads its checkpoint.
+    let proxy = p.target_proxy.as_ref().unwrap();
+    proxy.set_refuse(true);
+    exec(&mut p.source.conn(), &[b"INCR", b"n"]);
+    let partitions = f64::from(p.options.partitions);
+    harness::wait_for(
+        "every lane to show its stall",
+        Duration::from_secs(60),
+        || {
+            let stalled = p.sink.metric("sink_lane_stalled", &[])?;
+            (stalled == partitions).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.sink.log()));
+    let retries = p
+        .sink
+        .metric("sink_retries_total", &[("code", "CONNECTION")])
+        .unwrap();
+    assert!(retries >= partitions, "{retries} retries");
+    assert!(
+        p.sink.log().contains("retrying until it succeeds"),
+        "{}",
+        p.sink.log()
+    );
+
+    proxy.set_refuse(false);
+    p.wait_equal(Duration::from_secs(120)).unwrap();
+    harness::wait_for("the stall to end", Duration::from_secs(30), || {
+        (p.sink.metric("sink_lane_stalled", &[])? == 0.0).then_some(())
+    })
+    .unwrap();
+    assert!(p.sink.log().contains("target accepts writes again"));
+}
