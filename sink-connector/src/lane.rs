@@ -200,8 +200,15 @@ impl Stall {
         }
     }
 
-    /// Counts a refused attempt at `what`; returns how long to wait before the next one.
-    fn refused(&mut self, lane: &Lane, what: &str, code: &str, message: &str) -> Duration {
+    /// Counts a refused attempt at `what` and waits before the next one. A revoked lane stops
+    /// waiting and leaves the stall.
+    async fn retry(
+        &mut self,
+        lane: &mut Lane,
+        what: &str,
+        code: &str,
+        message: &str,
+    ) -> Result<(), Stop> {
         let partition = lane.partition;
         let since = *self.since.get_or_insert_with(|| {
             gauge!("sink_lane_stalled", "partition" => lane.label.clone()).set(1.0);
@@ -225,13 +232,8 @@ impl Stall {
         }
         let backoff = self.backoff;
         self.backoff = (backoff * 2).min(max);
-        backoff
-            + Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1))
-    }
-
-    /// Waits before the next attempt; a revoked lane stops waiting and leaves the stall.
-    async fn wait(&mut self, lane: &mut Lane, wait: Duration) -> Result<(), Stop> {
-        let paused = lane.pause(wait).await;
+        let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1);
+        let paused = lane.pause(backoff + Duration::from_millis(jitter)).await;
         if paused.is_err() {
             self.clear(lane);
         }
@@ -331,9 +333,8 @@ impl Lane {
                     return Ok(v);
                 }
                 Err(ApplyError::Transient { code, message }) => {
-                    let what = String::from_utf8_lossy(&args[0]);
-                    let wait = stall.refused(self, &what, &code, &message);
-                    stall.wait(self, wait).await?;
+                    let what = String::from_utf8_lossy(&args[0]).into_owned();
+                    stall.retry(self, &what, &code, &message).await?;
                 }
                 Err(e) => {
                     return Err(self.halt(&format!(
@@ -1201,8 +1202,10 @@ impl Lane {
             };
             match error {
                 ApplyError::Transient { code, message } => {
-                    let wait = stall.refused(self, "the write", &code, &message);
-                    stall.wait(self, wait).await.map_err(ApplyFailure::Stop)?;
+                    stall
+                        .retry(self, "the write", &code, &message)
+                        .await
+                        .map_err(ApplyFailure::Stop)?;
                 }
                 e if e.is_authentication() => {
                     let what = format!("partition {}: {e}", self.partition);
@@ -1551,8 +1554,7 @@ impl Lane {
                     return Ok(keys);
                 }
                 Err(ApplyError::Transient { code, message }) => {
-                    let wait = stall.refused(self, "the key scan", &code, &message);
-                    stall.wait(self, wait).await?;
+                    stall.retry(self, "the key scan", &code, &message).await?;
                 }
                 Err(e) => return Err(self.halt(&format!("cannot list the target's keys: {e}"))),
             }
