@@ -9,13 +9,17 @@ use crate::config::Config;
 use crate::lane::{self, Lane, LaneEnv};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::producer::FutureProducer;
-use rdkafka::{ClientContext, Message};
+use rdkafka::{ClientConfig, ClientContext, Message};
 use service::http::Health;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// Largest fetch response the consumer asks for (`fetch.max.bytes`): what bounds its memory
+/// while it catches up (see the consumer's settings in `run`).
+const FETCH_BYTES: u64 = 256 * 1024;
 
 struct LaneHandle {
     active: watch::Sender<bool>,
@@ -175,21 +179,17 @@ fn wait_for_topic(
     }
 }
 
-pub async fn run(
-    cfg: Config,
-    health: Health,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let cfg = Arc::new(cfg);
-    let topic = cfg.kafka.topic.clone();
-    let base =
-        service::kafka::client_config(&cfg.kafka.bootstrap_servers, &[], &cfg.kafka.properties);
-    let partitions = {
-        let base = base.clone();
-        let topic = topic.clone();
-        let shutdown = shutdown.clone();
-        tokio::task::spawn_blocking(move || wait_for_topic(&base, &topic, &shutdown)).await??
-    };
+/// The consumer's librdkafka settings: the sink's defaults, then `kafka.properties`, then what
+/// the sink's delivery semantics need whatever the properties say.
+fn consumer_config(cfg: &Config, partitions: u32) -> ClientConfig {
+    let fetch_bytes = cfg
+        .kafka
+        .properties
+        .get("message.max.bytes")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        .max(FETCH_BYTES)
+        .to_string();
     // The prefetch queue is per partition: its bounds are shared out so that the whole consumer
     // stays within about 64 MiB of records however many partitions it owns, while each
     // partition still gets enough to keep its lane busy.
@@ -204,10 +204,17 @@ pub async fn run(
             // parses a whole response into messages (a few hundred bytes of bookkeeping each)
             // before the queue bounds above are checked, and the test broker lets one partition
             // fill the request's whole `fetch.max.bytes`. With librdkafka's 50 MB the sink
-            // catching up on 1M SETs peaked at 477-521 MB RSS; with 1 MB (the least librdkafka
-            // accepts with its default `message.max.bytes`) and 5000 messages, 191-207 MB, and
-            // 117-127 MB with 2000 and the allocator of ADR 0010, no slower.
-            ("fetch.max.bytes", "1048576"),
+            // catching up on 1M SETs peaked at 477-521 MB RSS; with 1 MiB, 117-133 MB; with
+            // 256 KiB, 63-65 MB at the same speed (docs/benchmarks.md, ADR 0010). librdkafka
+            // refuses a `fetch.max.bytes` below `message.max.bytes`, which a consumer uses for
+            // nothing else: a bigger record is still fetched whole (Kafka returns the first
+            // batch of a fetch whatever its size, and librdkafka grows its partition fetch size
+            // until a message fits).
+            // (`kafka.properties` is shared with the dead-letter producer, which may need a
+            // bigger `message.max.bytes`: the fetch size follows it.)
+            ("fetch.max.bytes", &fetch_bytes),
+            ("message.max.bytes", &FETCH_BYTES.to_string()),
+            ("max.partition.fetch.bytes", &fetch_bytes),
             ("fetch.wait.max.ms", "100"),
             // librdkafka waits this long before fetching again once a partition's queue was
             // over the bounds above (default 1 s): a lane that drains its queue meanwhile
@@ -228,6 +235,25 @@ pub async fn run(
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false");
+    c
+}
+
+pub async fn run(
+    cfg: Config,
+    health: Health,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let topic = cfg.kafka.topic.clone();
+    let base =
+        service::kafka::client_config(&cfg.kafka.bootstrap_servers, &[], &cfg.kafka.properties);
+    let partitions = {
+        let base = base.clone();
+        let topic = topic.clone();
+        let shutdown = shutdown.clone();
+        tokio::task::spawn_blocking(move || wait_for_topic(&base, &topic, &shutdown)).await??
+    };
+    let c = consumer_config(&cfg, partitions);
     let context = Context {
         topic: topic.clone(),
         lanes: std::sync::Mutex::new(HashMap::new()),
@@ -367,4 +393,44 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::consumer::BaseConsumer;
+
+    fn config(properties: &str) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[redis]\nurl = \"redis://127.0.0.1:6379\"\n[kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\ntopic = \"t\"\ngroup_id = \"g\"\n[kafka.properties]\n{properties}\n"
+            ),
+        )
+        .unwrap();
+        Config::load(Some(&path)).unwrap()
+    }
+
+    /// librdkafka accepts the consumer's settings (it checks `fetch.max.bytes` against
+    /// `message.max.bytes` when the client is created), also when `kafka.properties` raises
+    /// `message.max.bytes` for the dead-letter producer.
+    #[test]
+    fn consumer_settings_are_accepted_and_the_fetch_size_follows_message_max_bytes() {
+        for (properties, fetch) in [
+            ("", "262144"),
+            ("\"message.max.bytes\" = \"2000000\"", "2000000"),
+            ("\"message.max.bytes\" = \"1000\"", "262144"),
+            (
+                "\"fetch.max.bytes\" = \"1048576\"\n\"message.max.bytes\" = \"1048576\"",
+                "1048576",
+            ),
+        ] {
+            let c = consumer_config(&config(properties), 4);
+            assert_eq!(c.get("fetch.max.bytes"), Some(fetch), "{properties}");
+            c.create::<BaseConsumer>()
+                .unwrap_or_else(|e| panic!("{properties}: {e}"));
+        }
+    }
 }
