@@ -91,7 +91,7 @@ fi
 
 mkdir -p "$RUN_DIR/broker"
 (cd "$RUN_DIR/broker" && exec "$NISSHI_BIN" broker --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
-  --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" --storage-engine memory://nisshi/) \
+  --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" --storage-engine sqlite://broker.db) \
   >"$RUN_DIR/broker.log" 2>&1 &
 pids+=($!)
 sleep 1

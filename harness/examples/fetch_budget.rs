@@ -5,6 +5,8 @@
 //! than it can list in that budget answers every fetch near its end with nothing.
 //!
 //!   cargo run --release -p harness --example fetch_budget [BATCHES] [WAIT_MS...]
+//!
+//! `FETCH_BUDGET_STORAGE=sqlite` uses the broker's sqlite storage instead of memory.
 
 use harness::broker::{random_topic, Broker, Storage};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -22,7 +24,11 @@ fn main() -> anyhow::Result<()> {
     } else {
         waits
     };
-    let broker = Broker::start(Storage::Memory)?;
+    let storage = match std::env::var("FETCH_BUDGET_STORAGE").as_deref() {
+        Ok("sqlite") => Storage::Sqlite,
+        _ => Storage::Memory,
+    };
+    let broker = Broker::start(storage)?;
     let topic = random_topic("budget");
     broker.create_topic(&topic, 1)?;
     // One message per batch: the broker stores one object per batch.
