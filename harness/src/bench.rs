@@ -3,17 +3,19 @@
 
 use std::process::Command;
 
+/// A memory field of `/proc/PID/status` (`VmRSS`, `VmHWM`, …), in kB; `None` once the process is
+/// gone.
+pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// Resident set size of a process, in MB (0 once it is gone).
 pub fn rss_mb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
+    status_kb(pid, "VmRSS").unwrap_or(0) / 1024
 }
 
 /// utime + stime of a process, in seconds (0 once it is gone).

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Largest fetch response the consumer asks for (`fetch.max.bytes`): what bounds its memory
-/// while it catches up (see the consumer's settings in `run`).
+/// while it catches up (see `consumer_config`).
 const FETCH_BYTES: u64 = 256 * 1024;
 
 struct LaneHandle {
@@ -209,9 +209,8 @@ fn consumer_config(cfg: &Config, partitions: u32) -> ClientConfig {
             // refuses a `fetch.max.bytes` below `message.max.bytes`, which a consumer uses for
             // nothing else: a bigger record is still fetched whole (Kafka returns the first
             // batch of a fetch whatever its size, and librdkafka grows its partition fetch size
-            // until a message fits).
-            // (`kafka.properties` is shared with the dead-letter producer, which may need a
-            // bigger `message.max.bytes`: the fetch size follows it.)
+            // until a message fits). `kafka.properties` is shared with the dead-letter producer,
+            // which may need a bigger `message.max.bytes`: the fetch size follows it.
             ("fetch.max.bytes", &fetch_bytes),
             ("message.max.bytes", &FETCH_BYTES.to_string()),
             ("max.partition.fetch.bytes", &fetch_bytes),

@@ -211,14 +211,6 @@ fn source_kill9_during_snapshot_and_streaming() {
     );
 }
 
-fn rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 /// The broker is down for 30 s while writes continue: nothing is lost, the source connector's
 /// memory stays bounded, and both connectors resume on their own.
 #[test]
@@ -271,7 +263,7 @@ fn broker_outage_loses_nothing() {
     let mut max_rss = 0;
     let outage = Instant::now();
     while outage.elapsed() < Duration::from_secs(30) {
-        max_rss = max_rss.max(rss_kb(pid).unwrap_or(0));
+        max_rss = max_rss.max(harness::bench::status_kb(pid, "VmRSS").unwrap_or(0));
         std::thread::sleep(Duration::from_secs(1));
     }
     let checkpoints = p
