@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the local pipeline need, outside the repository:
-#   - redis-server and redis-cli from Debian's packages (7.0);
+#   - redis-server and redis-cli from Debian's packages (7.0; redis-server also runs the
+#     Sentinels of the Sentinel tests, with --sentinel);
+#   - nutcracker (twemproxy) from Debian's packages, the proxy without transactions;
 #   - the Kafka-protocol broker nisshi 0.8.1 (crates.io), built with the nightly toolchain into a
 #     cache directory so later runs reuse it.
 #   - the Compose specification's JSON schema, taken from the docker-compose 1.29.2 wheel on PyPI,
@@ -49,6 +51,17 @@ install_build_deps() {
   fi
 }
 
+install_nutcracker() {
+  # twemproxy, a real proxy without transactions, for the tests of redis.transactions = false.
+  if command -v nutcracker >/dev/null; then
+    return
+  fi
+  log "installing nutcracker (twemproxy) from Debian packages"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq >&2
+  as_root apt-get install -y -qq --no-install-recommends nutcracker >&2
+}
+
 install_nisshi() {
   if [ -x "$NISSHI_BIN" ]; then
     return
@@ -87,6 +100,7 @@ PY
 
 install_build_deps
 install_redis
+install_nutcracker
 install_nisshi
 install_compose_schema
 

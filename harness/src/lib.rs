@@ -11,6 +11,10 @@
 //! - [`dataset`]: reads a deployment (or a corpus JSON) into canonical form and compares two.
 //! - [`corpus`]: where `../shared/corpus` is.
 //! - [`pipeline`]: source, broker, target and both connectors together, and wait-until-equal.
+//! - [`slot_proxy`]: a strict proxy in front of a cluster that takes single-slot transactions
+//!   only and no `SELECT` inside them (the rules of managed proxy services).
+//! - [`twemproxy`]: Debian's `nutcracker`, a real proxy without transactions.
+//! - [`sentinel`]: Redis Sentinels watching a master and its replica.
 //! - [`connector`]: the built `source-connector` and `sink-connector` binaries as processes,
 //!   with their metrics.
 
@@ -26,6 +30,9 @@ pub mod ports;
 pub mod process;
 pub mod proxy;
 pub mod redis;
+pub mod sentinel;
+pub mod slot_proxy;
+pub mod twemproxy;
 
 use std::time::{Duration, Instant};
 

@@ -42,12 +42,14 @@ fn check_kafka(config: &Config, report: &mut Report) -> Option<u32> {
 fn check_target(config: &Config, partitions: Option<u32>, report: &mut Report) {
     let url = redact_url(&config.redis.url);
     let timeout = Duration::from_secs(config.redis.timeout_s);
-    let mut conn = match config
-        .redis
-        .tls
-        .redis_client(config.redis.url.as_str())
-        .and_then(|c| c.get_connection_with_timeout(timeout))
-    {
+    let connect = || {
+        config
+            .redis
+            .tls
+            .redis_client(config.redis.url.as_str())
+            .and_then(|c| c.get_connection_with_timeout(timeout))
+    };
+    let mut conn = match connect() {
         Ok(c) => c,
         Err(e) => {
             report.fail(format!("target {url}: {e}"));
@@ -55,6 +57,21 @@ fn check_target(config: &Config, partitions: Option<u32>, report: &mut Report) {
         }
     };
     report.ok(format!("target {url}: reachable and authenticated"));
+    let refused = match crate::target::refusals(config) {
+        Ok(refused) => refused,
+        Err(e) => vec![e],
+    };
+    let refused_any = !refused.is_empty();
+    refused.into_iter().for_each(|line| report.fail(line));
+    // A proxy that closes the connection on a command it does not know (twemproxy and INFO or
+    // CONFIG): go on with a new one.
+    let reconnect = |conn: &mut redis::Connection, e: &redis::RedisError| {
+        if e.is_io_error() || e.is_connection_dropped() {
+            if let Ok(c) = connect() {
+                *conn = c;
+            }
+        }
+    };
 
     let info: redis::RedisResult<String> = redis::cmd("INFO").query(&mut conn);
     match &info {
@@ -84,9 +101,12 @@ fn check_target(config: &Config, partitions: Option<u32>, report: &mut Report) {
                 ));
             }
         }
-        Err(e) => report.warn(format!(
-            "target: INFO not allowed ({e}): every value will be rebuilt with commands instead of RESTORE"
-        )),
+        Err(e) => {
+            report.warn(format!(
+                "target: INFO not allowed ({e}): every value will be rebuilt with commands instead of RESTORE"
+            ));
+            reconnect(&mut conn, e);
+        }
     }
 
     let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
@@ -100,9 +120,15 @@ fn check_target(config: &Config, partitions: Option<u32>, report: &mut Report) {
         Ok([_, policy]) => report.fail(format!(
             "target {url}: maxmemory-policy is {policy}: a full target would silently evict keys the source still has; set noeviction"
         )),
-        _ => report.warn(
+        Ok(_) => report.warn(
             "target: cannot read maxmemory-policy (CONFIG GET not allowed); make sure it is noeviction",
         ),
+        Err(e) => {
+            report.warn(format!(
+                "target: cannot read maxmemory-policy ({e}); make sure it is noeviction"
+            ));
+            reconnect(&mut conn, e);
+        }
     }
     if config.redis.select {
         let databases: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
@@ -131,14 +157,18 @@ fn check_target(config: &Config, partitions: Option<u32>, report: &mut Report) {
         }
     }
 
-    // A transactional write like the lanes' (the probe expires by itself).
+    // A write like the lanes' (the probe expires by itself): in a transaction unless the
+    // target takes none.
     let probe = format!(
         "{}:check:{}",
         config.apply.checkpoint_prefix,
         std::process::id()
     );
-    let written: redis::RedisResult<()> = redis::pipe()
-        .atomic()
+    let mut pipe = redis::pipe();
+    if config.redis.transactions {
+        pipe.atomic();
+    }
+    let written: redis::RedisResult<()> = pipe
         .cmd("SET")
         .arg(&probe)
         .arg("1")
@@ -147,7 +177,12 @@ fn check_target(config: &Config, partitions: Option<u32>, report: &mut Report) {
         .ignore()
         .query(&mut conn);
     match written {
-        Ok(()) => report.ok("target: MULTI/EXEC writes accepted"),
+        // Said above, with the setting to change.
+        Err(_) if refused_any => {}
+        Ok(()) if config.redis.transactions => report.ok("target: MULTI/EXEC writes accepted"),
+        Ok(()) => report.warn(
+            "target: writes accepted without transactions (redis.transactions = false): applied at least once, a crash can apply the last batch of non-idempotent commands twice",
+        ),
         Err(e) if e.code() == Some("OOM") => report.warn(format!(
             "target {url}: full right now ({e}); lanes will stall and retry until it has room"
         )),
@@ -155,7 +190,7 @@ fn check_target(config: &Config, partitions: Option<u32>, report: &mut Report) {
     }
 
     if let Some(n) = partitions {
-        if config.redis.select {
+        if config.redis.select && config.redis.mode != crate::config::Mode::Cluster {
             // The lanes keep their checkpoints in db 0.
             let _: redis::RedisResult<()> = redis::cmd("SELECT").arg(0).query(&mut conn);
         }

@@ -14,6 +14,8 @@ pub struct Config {
     pub apply: ApplyConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: service::LogConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -41,6 +43,11 @@ pub struct RedisConfig {
     /// Whether the target accepts SELECT (false for most proxies).
     #[serde(default = "yes")]
     pub select: bool,
+    /// Whether the target accepts `MULTI/EXEC` (false for twemproxy, Envoy's Redis proxy and
+    /// similar). Without, each batch is written as it comes and its checkpoint after it: at
+    /// least once (docs/semantics.md).
+    #[serde(default = "yes")]
+    pub transactions: bool,
     /// Rename commands the target knows under another name (`"FLUSHALL" = "MYFLUSHALL"`).
     #[serde(default)]
     pub rename_commands: BTreeMap<String, String>,
@@ -258,6 +265,10 @@ impl Config {
                 "redis.db_map key {k:?} is not a db number"
             );
         }
+        anyhow::ensure!(
+            self.redis.transactions || self.redis.mode != Mode::Cluster,
+            "redis.transactions = false is for proxies without transactions; a Redis Cluster takes them (redis.mode = \"cluster\")"
+        );
         if self.apply.on_error == OnError::DeadLetter {
             anyhow::ensure!(
                 self.apply.dead_letter_topic.is_some(),

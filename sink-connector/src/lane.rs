@@ -407,7 +407,7 @@ impl Lane {
             // Written by a version without `kafka:offset`: trust the committed offset.
             None => None,
         };
-        let refill = if self.target.is_cluster() {
+        let refill = if self.target.slot_checkpoints() {
             self.lost_slots(&stored.slots).await?
         } else {
             self.slot_applied.clear();
@@ -418,6 +418,7 @@ impl Lane {
         }
         tracing::info!(
             partition = self.partition,
+            offset = ?self.kafka_applied,
             "lane starts; the target holds positions {:?} up to partition offset {:?}",
             self.applied
                 .iter()
@@ -436,7 +437,7 @@ impl Lane {
     /// - it holds *less*: it restarted without persistence, or failed over to a replica that had
     ///   not received the last writes. The lane rewinds and applies them again.
     async fn verify_target(&mut self) -> Result<(), Stop> {
-        if self.target.is_cluster() {
+        if self.target.slot_checkpoints() {
             // Checkpoints are per slot on a cluster: reload them all and go on from the
             // partition's checkpoint, or from further back when a slot lost writes; records
             // each slot already holds are skipped.
@@ -691,7 +692,7 @@ impl Lane {
         shard: &str,
         p: Position,
     ) -> Result<bool, Stop> {
-        let Some(slot) = slot.filter(|_| self.target.is_cluster()) else {
+        let Some(slot) = slot.filter(|_| self.target.slot_checkpoints()) else {
             return Ok(false);
         };
         if !self.slot_applied.contains_key(&slot) {
@@ -786,7 +787,7 @@ impl Lane {
             let slot = record.slot.and_then(|s| u16::try_from(s).ok());
             // On a cluster a record of a slot is judged by that slot's checkpoint alone: the
             // partition's may be ahead of a slot whose master lost writes.
-            let held = match slot.filter(|_| self.target.is_cluster()) {
+            let held = match slot.filter(|_| self.target.slot_checkpoints()) {
                 Some(_) => self.slot_holds(slot, &shard, position).await?,
                 None => self.is_applied(&shard, position),
             };
@@ -821,7 +822,7 @@ impl Lane {
             }
             let dbo = Some(db);
             let ops_of = |args: Vec<Args>| -> Vec<Op> {
-                args.into_iter().map(|args| Op { db: dbo, args }).collect()
+                args.into_iter().map(|args| Op::data(dbo, args)).collect()
             };
             let ops = match body {
                 Body::Barrier(barrier) => {
@@ -1009,6 +1010,7 @@ impl Lane {
         Op {
             db: self.checkpoint_db(),
             args,
+            checkpoint: true,
         }
     }
 
@@ -1045,7 +1047,7 @@ impl Lane {
     /// Applies the pending records and their checkpoint in one transaction (on a cluster, one
     /// transaction per slot, then the partition's checkpoint).
     async fn flush(&mut self, batch: &mut Vec<Pending>) -> Result<(), Stop> {
-        if self.target.is_cluster() && !batch.is_empty() {
+        if self.target.slot_checkpoints() && !batch.is_empty() {
             return self.flush_slots(batch).await;
         }
         self.flush_one(batch).await
@@ -1167,16 +1169,25 @@ impl Lane {
     }
 
     /// Applies ops atomically, retrying transient errors until they succeed.
+    ///
+    /// A target without transactions may run part of the ops before refusing one for now (OOM
+    /// …): the retry starts at the refused op and goes on one op at a time, so the writes after
+    /// it that had run already run again once, never more (at least once, docs/semantics.md).
     async fn apply(&mut self, ops: &[Op]) -> Result<(), ApplyFailure> {
         let mut stall = Stall::new(Duration::from_millis(10));
         let keep = self.env.cfg.apply.snapshot_conflict == Conflict::Keep;
+        // Ops before `from` are done; after an interruption they are sent one at a time.
+        let mut from = 0;
+        let mut one_at_a_time = false;
         loop {
             if self.target.unverified() {
                 self.verify_target().await.map_err(ApplyFailure::Stop)?;
             }
+            let to = if one_at_a_time { from + 1 } else { ops.len() };
+            let part = &ops[from..to];
             let wait = self.env.limit.take(
-                ops.len(),
-                ops.iter()
+                part.len(),
+                part.iter()
                     .map(|o| o.args.iter().map(|a| a.len()).sum::<usize>())
                     .sum(),
             );
@@ -1185,23 +1196,48 @@ impl Lane {
                     .increment(wait.as_millis() as u64);
                 self.pause(wait).await.map_err(ApplyFailure::Stop)?;
             }
-            let result = self.target.exec(ops).await;
+            let result = self.target.exec(part).await;
             let error = match result {
                 Ok(results) => {
                     stall.ended(self);
-                    match target::runtime_error(&results, |code| keep && code == "BUSYKEY") {
-                        None => return Ok(()),
-                        Some(e) => {
-                            // The transaction ran; one command failed inside it. Report it; the
-                            // checkpoint moved with the rest of the batch.
-                            return Err(ApplyFailure::Stop(self.halt_or_continue(&e).await?));
-                        }
+                    if let Some(e) =
+                        target::runtime_error(&results, |code| keep && code == "BUSYKEY")
+                    {
+                        // The transaction ran; one command failed inside it. Report it; the
+                        // checkpoint moved with the rest of the batch.
+                        return Err(ApplyFailure::Stop(self.halt_or_continue(&e).await?));
                     }
+                    if to == ops.len() {
+                        return Ok(());
+                    }
+                    from = to;
+                    continue;
                 }
                 Err(e) => e,
             };
             match error {
                 ApplyError::Transient { code, message } => {
+                    stall
+                        .retry(self, "the write", &code, &message)
+                        .await
+                        .map_err(ApplyFailure::Stop)?;
+                }
+                ApplyError::Interrupted {
+                    done,
+                    ran_after,
+                    code,
+                    message,
+                } => {
+                    if ran_after > 0 {
+                        tracing::warn!(
+                            partition = self.partition,
+                            "the target (without transactions) refused a write for now ({code}) after which {ran_after} later writes of the batch ran: they run again after it (at least once)"
+                        );
+                        counter!("sink_writes_repeated_total", "partition" => self.label.clone())
+                            .increment(ran_after as u64);
+                    }
+                    from += done;
+                    one_at_a_time = true;
                     stall
                         .retry(self, "the write", &code, &message)
                         .await
@@ -1215,7 +1251,7 @@ impl Lane {
                     code, message, op, ..
                 } => {
                     return Err(ApplyFailure::Record {
-                        op,
+                        op: op.map(|i| i + from),
                         error: format!("{code} {message}"),
                     });
                 }
@@ -1445,7 +1481,7 @@ impl Lane {
         };
         let mut ops: Vec<Op> = cmds
             .into_iter()
-            .map(|args| Op { db: Some(db), args })
+            .map(|args| Op::data(Some(db), args))
             .collect();
         for &q in &partitions {
             let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
@@ -1470,6 +1506,7 @@ impl Lane {
                 ops.push(Op {
                     db: Some(other),
                     args: vec![b("DEL"), key.clone()],
+                    checkpoint: true,
                 });
             }
             ops.push(self.checkpoint_op(key, &fields, kafka_offset));
@@ -1594,7 +1631,7 @@ impl Lane {
         for group in doomed.chunk_by(|a, b| a.0 == b.0) {
             let keys: Vec<Bytes> = group.iter().map(|(_, k)| k.clone()).collect();
             let db = Some(group[0].0);
-            ops.extend(unlinks(&keys).map(|args| Op { db, args }));
+            ops.extend(unlinks(&keys).map(|args| Op::data(db, args)));
         }
         ops.push(self.checkpoint_op(
             self.key.clone(),

@@ -97,8 +97,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Run { config } => {
-            service::init_logging();
             let config = sink_connector::config::Config::load(config.as_deref())?;
+            service::init_logging(&config.log);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

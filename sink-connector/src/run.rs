@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// Largest fetch response the consumer asks for (`fetch.max.bytes`): what bounds its memory
 /// while it catches up (see `consumer_config`).
@@ -246,6 +247,19 @@ pub async fn run(
     let topic = cfg.kafka.topic.clone();
     let base =
         service::kafka::client_config(&cfg.kafka.bootstrap_servers, &[], &cfg.kafka.properties);
+    // A target that refuses what the settings say it takes would stall every lane for good:
+    // say so once, naming the setting, and stop.
+    let probed = {
+        let cfg = Arc::clone(&cfg);
+        tokio::task::spawn_blocking(move || crate::target::refusals(&cfg)).await?
+    };
+    match probed {
+        Ok(refused) if !refused.is_empty() => anyhow::bail!("{}", refused.join("; ")),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!("cannot ask the target what it accepts ({e}); the lanes wait for it")
+        }
+    }
     let partitions = {
         let base = base.clone();
         let topic = topic.clone();
@@ -305,12 +319,11 @@ pub async fn run(
                 },
             );
         let lane = Lane::new(env.clone(), p, control)?;
-        tasks.push(tokio::spawn(lane::run(
-            lane,
-            queue,
-            busy,
-            cfg.apply.batch_records,
-        )));
+        // Every line a lane logs carries its partition (a field of the JSON log format).
+        let span = tracing::info_span!("lane", topic = %topic, partition = p);
+        tasks.push(tokio::spawn(
+            lane::run(lane, queue, busy, cfg.apply.batch_records).instrument(span),
+        ));
     }
     consumer
         .subscribe(&[&topic])

@@ -26,6 +26,16 @@ pub enum ApplyError {
         op: Option<usize>,
         applied: bool,
     },
+    /// A target without transactions refused op `done` for now (OOM, LOADING …): the ops
+    /// before it ran, in order; `ran_after` of the ops after it ran as well. Retry from `done`
+    /// (those that ran after it run again: at least once).
+    #[error("{code}: {message}")]
+    Interrupted {
+        done: usize,
+        ran_after: usize,
+        code: String,
+        message: String,
+    },
 }
 
 impl ApplyError {
@@ -51,7 +61,9 @@ impl ApplyError {
 
     pub fn code(&self) -> &str {
         match self {
-            ApplyError::Transient { code, .. } | ApplyError::Permanent { code, .. } => code,
+            ApplyError::Transient { code, .. }
+            | ApplyError::Permanent { code, .. }
+            | ApplyError::Interrupted { code, .. } => code,
         }
     }
 }
@@ -103,6 +115,21 @@ fn command(args: &[Bytes]) -> redis::Cmd {
 pub struct Op {
     pub db: Option<u32>,
     pub args: Args,
+    /// A write of a lane's checkpoint. On a target without transactions it is sent only once
+    /// every other write of the batch has been confirmed, so it never covers a write that did
+    /// not happen.
+    pub checkpoint: bool,
+}
+
+impl Op {
+    /// A write of data.
+    pub fn data(db: Option<u32>, args: Args) -> Op {
+        Op {
+            db,
+            args,
+            checkpoint: false,
+        }
+    }
 }
 
 pub struct Target {
@@ -124,8 +151,11 @@ pub struct Target {
     mode: Mode,
     seed: Endpoint,
     tls: source_connector::tls::TlsFiles,
-    /// A Redis Cluster target: its slot map and a connection per master.
+    /// A Redis Cluster target, or a proxy that takes single-slot transactions only: the slot
+    /// map and a connection per master (one endpoint for a proxy).
     cluster: Option<ClusterState>,
+    /// Whether the target accepts `MULTI/EXEC` (`redis.transactions`).
+    transactions: bool,
 }
 
 /// A cluster target's slot map and node connections.
@@ -136,6 +166,9 @@ struct ClusterState {
     nodes: Vec<(String, Option<MultiplexedConnection>)>,
     /// Read the slot map again before the next write (MOVED, a lost node).
     stale: bool,
+    /// A proxy (`redis.mode = "proxy"`): every slot is reached through the one endpoint, which
+    /// routes the commands itself and accepts a transaction whose keys are all in one slot.
+    single_endpoint: bool,
 }
 
 impl std::fmt::Debug for Target {
@@ -155,6 +188,25 @@ fn server_error(v: &Value) -> Option<(String, String)> {
         }
         _ => None,
     }
+}
+
+/// Replies of pipelined ops (outside a transaction) that refused one for now: where to go on
+/// from. `first` is the index of `results[0]` among the ops given to `exec`.
+fn interrupted(results: &[Value], first: usize) -> Option<ApplyError> {
+    let (k, code, message) = results.iter().enumerate().find_map(|(k, v)| {
+        let (code, message) = server_error(v)?;
+        is_transient(&code).then_some((k, code, message))
+    })?;
+    let ran_after = results[k + 1..]
+        .iter()
+        .filter(|v| server_error(v).is_none())
+        .count();
+    Some(ApplyError::Interrupted {
+        done: first + k,
+        ran_after,
+        code,
+        message,
+    })
 }
 
 /// The first runtime error in EXEC results that `ignore` does not excuse.
@@ -197,11 +249,13 @@ impl Target {
             tls: cfg.redis.tls.clone(),
             seed: Endpoint::parse(&cfg.redis.url)?,
             cluster: None,
+            transactions: cfg.redis.transactions,
         })
     }
 
-    /// Whether the target is a Redis Cluster (known once connected).
-    pub fn is_cluster(&self) -> bool {
+    /// Whether checkpoints are kept per slot, each written in its slot's transaction: a Redis
+    /// Cluster, or a proxy that takes single-slot transactions (known once connected).
+    pub fn slot_checkpoints(&self) -> bool {
         self.cluster.is_some()
     }
 
@@ -243,7 +297,17 @@ impl Target {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(self.timeout)
             .set_response_timeout(self.timeout * 6);
-        let mut conn = match self
+        let conn = match self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => return Err(self.connection_error(e)),
+        };
+        // The questions below go over a connection of their own: some proxies (twemproxy)
+        // close a connection that sends a command they do not know, such as INFO or CONFIG.
+        let mut probe = match self
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
@@ -254,7 +318,7 @@ impl Target {
         // Learn which RDB versions RESTORE accepts (proxies may hide INFO: then rebuild always).
         let info: Result<String, _> = redis::cmd("INFO")
             .arg("server")
-            .query_async(&mut conn)
+            .query_async(&mut probe)
             .await;
         if let Ok(info) = info {
             let field = |name: &str| {
@@ -271,7 +335,7 @@ impl Target {
         let databases: Result<Vec<String>, _> = redis::cmd("CONFIG")
             .arg("GET")
             .arg("databases")
-            .query_async(&mut conn)
+            .query_async(&mut probe)
             .await;
         self.databases = databases
             .ok()
@@ -282,16 +346,26 @@ impl Target {
             Mode::Auto => {
                 let info: Result<String, _> = redis::cmd("INFO")
                     .arg("cluster")
-                    .query_async(&mut conn)
+                    .query_async(&mut probe)
                     .await;
                 info.is_ok_and(|i| i.lines().any(|l| l.trim() == "cluster_enabled:1"))
             }
-            Mode::Standalone | Mode::Proxy => false,
+            // A proxy that takes transactions takes them in one slot only (DCS Proxy Cluster,
+            // Tair proxy); one without (twemproxy) is written like a standalone server.
+            Mode::Proxy => self.transactions,
+            Mode::Standalone => false,
         };
+        drop(probe);
         if cluster && self.cluster.is_none() {
-            tracing::info!("target {} is a Redis Cluster: writes go to each slot's master, checkpoints are kept per slot", self.address);
+            let single_endpoint = self.mode == Mode::Proxy;
+            if single_endpoint {
+                tracing::info!("target {} is a proxy: each batch is applied as one transaction per slot, with that slot's checkpoint, and SELECT is never sent inside a transaction", self.address);
+            } else {
+                tracing::info!("target {} is a Redis Cluster: writes go to each slot's master, checkpoints are kept per slot", self.address);
+            }
             self.cluster = Some(ClusterState {
                 stale: true,
+                single_endpoint,
                 ..ClusterState::default()
             });
         }
@@ -354,7 +428,83 @@ impl Target {
         if self.cluster.is_some() {
             return self.exec_cluster(ops).await;
         }
+        if !self.transactions {
+            return self.write_plain(&mut conn, ops).await;
+        }
         self.transaction(&mut conn, ops, self.select).await
+    }
+
+    /// A target without transactions (`redis.transactions = false`): the data ops pipelined as
+    /// they are, in order (with `SELECT` where the db changes), then, once every one of them
+    /// has answered, the checkpoint ops (the trailing ops marked `checkpoint`). So a checkpoint
+    /// never covers a write that did not happen; a crash or a lost connection in between can
+    /// leave writes done that the checkpoint does not cover yet, which are applied again (at
+    /// least once). Returns one result per op, runtime errors included, like `transaction`.
+    async fn write_plain(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        ops: &[Op],
+    ) -> Result<Vec<Value>, ApplyError> {
+        let data = ops
+            .iter()
+            .rposition(|op| !op.checkpoint)
+            .map_or(0, |i| i + 1);
+        let mut results = self.pipelined(conn, &ops[..data]).await?;
+        if let Some(e) = interrupted(&results, 0) {
+            return Err(e);
+        }
+        let checkpoints = self.pipelined(conn, &ops[data..]).await?;
+        if let Some(e) = interrupted(&checkpoints, data) {
+            return Err(e);
+        }
+        results.extend(checkpoints);
+        Ok(results)
+    }
+
+    /// `ops` as one pipeline outside a transaction; one reply per op.
+    async fn pipelined(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        ops: &[Op],
+    ) -> Result<Vec<Value>, ApplyError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::Pipeline::with_capacity(ops.len());
+        let mut selects = Vec::new();
+        let mut db = self.current_db;
+        for (i, op) in ops.iter().enumerate() {
+            if let Some(want) = op.db.filter(|&want| self.select && db != Some(want)) {
+                pipe.cmd("SELECT").arg(want);
+                selects.push(i + selects.len());
+                db = Some(want);
+            }
+            pipe.add_command(command(&op.args));
+        }
+        let n = ops.len() + selects.len();
+        let values = match conn.send_packed_commands(&pipe, 0, n).await {
+            Ok(v) => v,
+            Err(e) => return Err(self.connection_error(e)),
+        };
+        let mut results = Vec::with_capacity(ops.len());
+        for (i, v) in values.into_iter().enumerate() {
+            if selects.contains(&i) {
+                if let Some((code, message)) = server_error(&v) {
+                    // The writes after it went to the wrong db: never acceptable.
+                    return Err(ApplyError::Permanent {
+                        code,
+                        message: format!("SELECT failed before a write: {message}"),
+                        op: Some(results.len()),
+                        applied: true,
+                    });
+                }
+                continue;
+            }
+            results.push(v);
+        }
+        self.current_db = db;
+        results.resize(ops.len(), Value::Nil);
+        Ok(results)
     }
 
     /// `MULTI`, the ops (with `SELECT` where the db changes when `select`), `EXEC` on `conn`.
@@ -445,9 +595,16 @@ impl Target {
         Ok(of_ops)
     }
 
-    /// Reads the slot map (`CLUSTER SLOTS`) from the seed node.
+    /// Reads the slot map (`CLUSTER SLOTS`) from the seed node. A proxy's one endpoint serves
+    /// every slot.
     async fn refresh(&mut self) -> Result<(), ApplyError> {
         let mut conn = self.conn().await?;
+        if let Some(state) = self.cluster.as_mut().filter(|c| c.single_endpoint) {
+            state.owners = vec![0; 16384];
+            state.nodes = vec![(self.address.clone(), None)];
+            state.stale = false;
+            return Ok(());
+        }
         let reply: Value = match redis::cmd("CLUSTER")
             .arg("SLOTS")
             .query_async(&mut conn)
@@ -486,9 +643,12 @@ impl Target {
         Ok(())
     }
 
-    /// The connection to node `i` of the cluster.
+    /// The connection to node `i` of the cluster (a proxy's: the one connection).
     async fn node(&mut self, i: usize) -> Result<MultiplexedConnection, ApplyError> {
         let state = self.cluster.as_ref().expect("cluster target");
+        if state.single_endpoint {
+            return self.conn().await;
+        }
         let (addr, conn) = &state.nodes[i];
         if let Some(c) = conn {
             return Ok(c.clone());
@@ -861,4 +1021,61 @@ impl Target {
     async fn discard(&mut self, conn: &mut MultiplexedConnection) {
         let _: Result<Value, _> = redis::cmd("DISCARD").query_async(conn).await;
     }
+}
+
+/// What the target refuses of what `redis.transactions` and `redis.select` say it takes, asked
+/// on fresh connections (a proxy such as twemproxy closes a connection that sends a command it
+/// does not know): one line per refusal, naming the setting to change. `Err` when the target
+/// cannot be reached at all (the lanes then wait for it as for any lost connection).
+pub fn refusals(cfg: &Config) -> Result<Vec<String>, String> {
+    let address = service::config::redact_url(&cfg.redis.url);
+    let client = cfg
+        .redis
+        .tls
+        .redis_client(&cfg.redis.url)
+        .map_err(|e| format!("target {address}: {e}"))?;
+    let timeout = Duration::from_secs(cfg.redis.timeout_s);
+    let connect = || {
+        let conn = client.get_connection_with_timeout(timeout)?;
+        conn.set_read_timeout(Some(timeout * 3))?;
+        Ok::<_, redis::RedisError>(conn)
+    };
+    // Whether `first` then `then` (when `first` is accepted) are answered without an error.
+    let refused = |first: &[&str], then: &[&str]| -> Result<Option<String>, String> {
+        let mut conn = connect().map_err(|e| format!("target {address}: {e}"))?;
+        let ask = |conn: &mut redis::Connection, args: &[&str]| {
+            let mut cmd = redis::cmd(args[0]);
+            for a in &args[1..] {
+                cmd.arg(*a);
+            }
+            cmd.query::<Value>(conn)
+        };
+        let answer = ask(&mut conn, first).and_then(|v| match then.is_empty() {
+            true => Ok(v),
+            false => ask(&mut conn, then),
+        });
+        Ok(match answer {
+            Ok(_) => None,
+            Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
+                Some("the target closed the connection".to_owned())
+            }
+            Err(e) => Some(e.to_string()),
+        })
+    };
+    let mut lines = Vec::new();
+    if cfg.redis.transactions {
+        if let Some(why) = refused(&["MULTI"], &["DISCARD"])? {
+            lines.push(format!(
+                "target {address} refuses transactions (MULTI: {why}): a proxy without them such as twemproxy; set redis.transactions = false (writes are then applied at least once, docs/semantics.md)"
+            ));
+        }
+    }
+    if cfg.redis.select && cfg.redis.mode != Mode::Cluster {
+        if let Some(why) = refused(&["SELECT", "0"], &[])? {
+            lines.push(format!(
+                "target {address} refuses SELECT ({why}): set redis.select = false (every source db is then written to the endpoint's db)"
+            ));
+        }
+    }
+    Ok(lines)
 }

@@ -15,13 +15,12 @@ fn config(url: &str) -> Config {
 }
 
 fn op(args: &[&str]) -> Op {
-    Op {
-        db: Some(0),
-        args: args
-            .iter()
+    Op::data(
+        Some(0),
+        args.iter()
             .map(|a| Bytes::copy_from_slice(a.as_bytes()))
             .collect(),
-    }
+    )
 }
 
 #[tokio::test]

@@ -16,6 +16,8 @@ pub struct Config {
     pub sync: SyncConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: service::LogConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -85,8 +85,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             source_connector::check::check(&config)
         }
         Command::Run { config } => {
-            service::init_logging();
             let config = source_connector::config::Config::load(config.as_deref())?;
+            service::init_logging(&config.log);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

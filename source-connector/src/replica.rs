@@ -256,7 +256,7 @@ pub async fn session(
         }
     }
     let (replid, offset) = Checkpoint::psync_args(shared.checkpoint.as_ref());
-    tracing::info!(shard = %shard, source = %address, "PSYNC {replid} {offset}");
+    tracing::info!(shard = %shard, source = %address, %replid, offset = %offset, "PSYNC {replid} {offset}");
     conn.send(&[b"PSYNC", replid.as_bytes(), offset.as_bytes()])
         .await?;
 
@@ -280,7 +280,7 @@ pub async fn session(
     let (mut builder, replid, start_offset) = match reply {
         PsyncReply::FullResync { replid, offset } => {
             let epoch = shared.checkpoint.as_ref().map_or(1, |c| c.epoch + 1);
-            tracing::info!(shard = %shard, source = %address, epoch, "full resync: replid {replid}, offset {offset}");
+            tracing::info!(shard = %shard, source = %address, epoch, %replid, offset = %offset, "full resync: replid {replid}, offset {offset}");
             counter!("source_full_syncs_total", "shard" => shard.clone()).increment(1);
             let (builder, offset) = full_sync(
                 &mut conn, shared, publisher, &replid, offset, epoch, shutdown,
@@ -300,7 +300,7 @@ pub async fn session(
                 .clone()
                 .expect("CONTINUE follows a checkpoint");
             let replid = new_replid.unwrap_or(c.replid.clone());
-            tracing::info!(shard = %shard, source = %address, epoch = c.epoch, "partial resync from offset {}", c.offset);
+            tracing::info!(shard = %shard, source = %address, epoch = c.epoch, offset = %c.offset, "partial resync from offset {}", c.offset);
             counter!("source_partial_syncs_total", "shard" => shard.clone()).increment(1);
             let builder = Builder::new(
                 shard.clone(),
@@ -351,7 +351,7 @@ pub async fn session(
     };
     gauge!("source_link_up", "shard" => shard.clone()).set(1.0);
     gauge!("source_epoch", "shard" => shard.clone()).set(builder.epoch() as f64);
-    tracing::info!(shard = %shard, "streaming from offset {start_offset} (sync took {:?})", sync_started.elapsed());
+    tracing::info!(shard = %shard, offset = %start_offset, "streaming from offset {start_offset} (sync took {:?})", sync_started.elapsed());
     let result = stream(
         conn,
         shared,

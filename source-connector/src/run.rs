@@ -14,6 +14,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// Checks that `topic` exists with `partitions` partitions, creating it when allowed.
 pub async fn prepare_topic(
@@ -140,7 +141,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
                 tokio::task::spawn_blocking(move || checkpoint::load(&client, &topic, &shard))
                     .await??
             };
-            shard_loop(ctx.clone(), shard, endpoint, loaded, None).await
+            let span = tracing::info_span!("replication", shard = %shard);
+            shard_loop(ctx.clone(), shard, endpoint, loaded, None)
+                .instrument(span)
+                .await
         }
         Some(masters) => run_cluster(ctx, endpoint, masters).await,
     }
@@ -299,16 +303,20 @@ async fn run_cluster(
                 let _ = forward.send(true);
             }
         });
-        tasks.spawn(shard_loop(
-            ShardContext {
-                shutdown: stopped,
-                ..ctx.clone()
-            },
-            shard.clone(),
-            endpoint,
-            loaded,
-            Some(follow),
-        ));
+        let span = tracing::info_span!("replication", shard = %shard);
+        tasks.spawn(
+            shard_loop(
+                ShardContext {
+                    shutdown: stopped,
+                    ..ctx.clone()
+                },
+                shard.clone(),
+                endpoint,
+                loaded,
+                Some(follow),
+            )
+            .instrument(span),
+        );
         shards.push(Watched {
             shard,
             members,
