@@ -183,3 +183,58 @@ fn fake_master_serves_a_capture_to_a_plain_tcp_client() {
     .unwrap();
     assert!(master.observed().commands.iter().any(|c| c[0] == "PSYNC"));
 }
+
+/// The strict slot proxy: commands reach their slot's master, a transaction in one slot runs,
+/// a cross-slot one and a SELECT inside one are refused, and nothing of them runs.
+#[test]
+fn slot_proxy_enforces_single_slot_transactions() {
+    let cluster = RedisCluster::start(3, 0, RedisConfig::default()).unwrap();
+    let proxy = harness::slot_proxy::SlotProxy::start(&cluster.nodes()[0].addr()).unwrap();
+    let mut c = redis::Client::open(proxy.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    for i in 0..50 {
+        let _: () = redis::cmd("SET").arg(format!("k{i}")).arg(i).query(&mut c).unwrap();
+    }
+    let mut client = cluster.client();
+    assert_eq!(
+        client.exec(&[b"GET", b"k42"]),
+        redis::Value::BulkString(b"42".to_vec())
+    );
+    let one_slot: Vec<i64> = redis::pipe()
+        .atomic()
+        .cmd("INCR")
+        .arg("{t}a")
+        .cmd("INCR")
+        .arg("{t}b")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(one_slot, vec![1, 1]);
+    // Each command on its own, as a client that checks every reply would send them.
+    let mut transaction = |commands: &[&[&str]]| -> redis::RedisError {
+        let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+        for args in commands {
+            let mut cmd = redis::cmd(args[0]);
+            args[1..].iter().for_each(|a| {
+                cmd.arg(*a);
+            });
+            let _ = cmd.query::<redis::Value>(&mut c);
+        }
+        redis::cmd("EXEC").query::<redis::Value>(&mut c).unwrap_err()
+    };
+    let cross = transaction(&[&["INCR", "a"], &["INCR", "b"]]);
+    assert_eq!(cross.code(), Some("CROSSSLOT"), "{cross}");
+    let select = transaction(&[&["SELECT", "0"], &["INCR", "{t}a"]]);
+    assert_eq!(select.code(), Some("EXECABORT"), "{select}");
+    assert_eq!(
+        client.exec(&[b"GET", b"{t}a"]),
+        redis::Value::BulkString(b"1".to_vec()),
+        "nothing of a refused transaction ran"
+    );
+    assert_eq!(client.exec(&[b"EXISTS", b"a"]), redis::Value::Int(0));
+    assert_eq!(
+        (proxy.transactions(), proxy.refused_cross_slot(), proxy.refused_select()),
+        (1, 1, 1)
+    );
+}
