@@ -20,11 +20,19 @@ pub struct RedisConfig {
     pub cluster_enabled: bool,
     /// Anything else, as `redis-server` command-line pairs: `("repl-backlog-size", "1mb")`.
     pub extra: Vec<(String, String)>,
+    /// `rename-command <from> <to>` lines (an empty `to` disables the command).
+    pub renamed: Vec<(String, String)>,
 }
 
 impl RedisConfig {
     pub fn with(mut self, name: &str, value: &str) -> Self {
         self.extra.push((name.into(), value.into()));
+        self
+    }
+
+    /// Renames a command (`""`: disables it), as managed services do with replication commands.
+    pub fn rename_command(mut self, from: &str, to: &str) -> Self {
+        self.renamed.push((from.into(), to.into()));
         self
     }
 }
@@ -110,6 +118,9 @@ impl RedisServer {
         }
         for (k, v) in &config.extra {
             push(k, v);
+        }
+        for (from, to) in &config.renamed {
+            args.extend(["--rename-command".into(), from.clone(), to.clone()]);
         }
         let process = ManagedProcess::spawn(Spec {
             name: format!("redis-{port}"),

@@ -195,7 +195,11 @@ fn slot_proxy_enforces_single_slot_transactions() {
         .get_connection()
         .unwrap();
     for i in 0..50 {
-        let _: () = redis::cmd("SET").arg(format!("k{i}")).arg(i).query(&mut c).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg(i)
+            .query(&mut c)
+            .unwrap();
     }
     let mut client = cluster.client();
     assert_eq!(
@@ -221,7 +225,9 @@ fn slot_proxy_enforces_single_slot_transactions() {
             });
             let _ = cmd.query::<redis::Value>(&mut c);
         }
-        redis::cmd("EXEC").query::<redis::Value>(&mut c).unwrap_err()
+        redis::cmd("EXEC")
+            .query::<redis::Value>(&mut c)
+            .unwrap_err()
     };
     let cross = transaction(&[&["INCR", "a"], &["INCR", "b"]]);
     assert_eq!(cross.code(), Some("CROSSSLOT"), "{cross}");
@@ -234,7 +240,11 @@ fn slot_proxy_enforces_single_slot_transactions() {
     );
     assert_eq!(client.exec(&[b"EXISTS", b"a"]), redis::Value::Int(0));
     assert_eq!(
-        (proxy.transactions(), proxy.refused_cross_slot(), proxy.refused_select()),
+        (
+            proxy.transactions(),
+            proxy.refused_cross_slot(),
+            proxy.refused_select()
+        ),
         (1, 1, 1)
     );
 }

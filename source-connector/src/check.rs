@@ -9,6 +9,7 @@ use std::time::Duration;
 
 pub fn check(config: &Config) -> anyhow::Result<()> {
     let mut report = Report::default();
+    let config = &check_sentinels(config, &mut report);
     let url = redact_url(&config.redis.url);
     let info = match Endpoint::parse(&config.redis.url) {
         Err(e) => {
@@ -19,6 +20,40 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
     };
     check_kafka(config, info.as_deref(), &mut report);
     report.finish()
+}
+
+/// Behind Sentinel: what each Sentinel says, and the configuration with `redis.url` at the
+/// master they name, for the checks that follow.
+fn check_sentinels(config: &Config, report: &mut Report) -> Config {
+    let Some(sentinels) = crate::sentinel::Sentinels::of(config) else {
+        return config.clone();
+    };
+    let name = sentinels.master_name().to_owned();
+    for view in sentinels.views() {
+        let counts = format!(
+            "{} replicas, {} other Sentinels",
+            view.replicas.map_or("?".into(), |n| n.to_string()),
+            view.other_sentinels.map_or("?".into(), |n| n.to_string())
+        );
+        match view.master {
+            Ok(Some((host, port))) => report.ok(format!(
+                "sentinel {}: master {name:?} at {host}:{port}, {counts}",
+                view.sentinel
+            )),
+            Ok(None) => report.fail(format!(
+                "sentinel {}: monitors no master named {name:?} (redis.sentinel.master_name)",
+                view.sentinel
+            )),
+            Err(e) => report.warn(format!("sentinel {}: {e}", view.sentinel)),
+        }
+    }
+    let mut config = config.clone();
+    match Endpoint::parse(&config.redis.url).map(|e| sentinels.master_endpoint(&e)) {
+        Ok(Ok(master)) => config.redis.url = crate::cluster::client_url(&master),
+        Ok(Err(e)) => report.fail(e),
+        Err(e) => report.fail(format!("redis.url: {e}")),
+    }
+    config
 }
 
 /// Connects and authenticates, checks the replication commands, and reads `INFO` when allowed.
@@ -37,22 +72,58 @@ fn check_redis(config: &Config, url: &str, report: &mut Report) -> Option<String
         }
     };
     report.ok(format!("source {url}: reachable and authenticated"));
-    let replconf: redis::RedisResult<()> = redis::cmd("REPLCONF")
-        .arg("listening-port")
-        .arg(config.redis.listening_port)
-        .query(&mut conn);
-    match replconf {
-        Ok(()) => report.ok("source: REPLCONF allowed"),
-        Err(e) => report.fail(format!(
-            "source {url}: REPLCONF refused ({e}); the user needs +replconf +psync (docs/security.md)"
+    if let Some(name) = config.command("REPLCONF") {
+        let replconf: redis::RedisResult<()> = redis::cmd(name)
+            .arg("listening-port")
+            .arg(config.redis.listening_port)
+            .query(&mut conn);
+        match replconf {
+            Ok(()) => report.ok(format!("source: REPLCONF allowed (as {name})")),
+            Err(e) if e.code() == Some("ERR") && e.to_string().contains("unknown command") => {
+                report.fail(format!(
+                    "source {url}: the master knows no command {name:?} ({e}); if it renames REPLCONF, set redis.rename_commands.REPLCONF to that name"
+                ))
+            }
+            Err(e) => report.fail(format!(
+                "source {url}: REPLCONF refused ({e}); the user needs +replconf +psync (docs/security.md)"
+            )),
+        }
+    }
+    // The replication commands under the names the connector will use: `COMMAND INFO` answers
+    // nil for a name the master does not know (renamed or disabled there).
+    let known = |conn: &mut redis::Connection, name: &str| -> Option<bool> {
+        let v: redis::Value = redis::cmd("COMMAND")
+            .arg("INFO")
+            .arg(name)
+            .query(conn)
+            .ok()?;
+        Some(
+            matches!(v, redis::Value::Array(items) if items.iter().any(|i| *i != redis::Value::Nil)),
+        )
+    };
+    let sync_known = config.command("SYNC").and_then(|n| known(&mut conn, n));
+    let psync = config.command("PSYNC").map(|n| (n, known(&mut conn, n)));
+    match psync {
+        Some((name, Some(true))) => report.ok(format!("source: PSYNC known (as {name})")),
+        Some((name, Some(false))) if sync_known != Some(true) => report.fail(format!(
+            "source {url}: the master knows no command {name:?} for PSYNC, nor SYNC under the configured name; set redis.rename_commands.PSYNC to the name its rename-command gives PSYNC"
         )),
+        Some((name, Some(false))) => report.warn(format!(
+            "source: the master knows no command {name:?} (PSYNC renamed there? set redis.rename_commands.PSYNC); the connector falls back to SYNC, and every reconnection is a full sync"
+        )),
+        None if sync_known == Some(false) => report.fail(format!(
+            "source {url}: PSYNC is disabled in redis.rename_commands and the master does not know SYNC under the configured name"
+        )),
+        _ => {}
     }
     let user: redis::RedisResult<String> = redis::cmd("ACL").arg("WHOAMI").query(&mut conn);
-    if let Ok(user) = user {
+    // (A PSYNC the master does not know was reported above.)
+    let psync_known = matches!(psync, Some((_, Some(true)) | (_, None)));
+    if let Some(user) = user.ok().filter(|_| psync_known) {
         let dryrun: redis::RedisResult<String> = redis::cmd("ACL")
             .arg("DRYRUN")
             .arg(&user)
-            .arg("PSYNC")
+            .arg(config.command("PSYNC").unwrap_or("PSYNC"))
             .arg("?")
             .arg("-1")
             .query(&mut conn);

@@ -48,7 +48,32 @@ pub struct RedisConfig {
     /// `rediss://`: the CA and client certificate files (`[redis.tls]`).
     #[serde(default)]
     pub tls: crate::tls::TlsFiles,
+    /// Replication commands the master knows under another name (its `rename-command`, as
+    /// some managed services do): `{ PSYNC = "X_PSYNC", SYNC = "", REPLCONF = "X_REPLCONF" }`.
+    /// An empty name: the command is disabled there.
+    #[serde(default)]
+    pub rename_commands: BTreeMap<String, String>,
+    /// A master found through Sentinel (`[redis.sentinel]`) instead of `redis.url`'s host.
+    #[serde(default)]
+    pub sentinel: Option<SentinelConfig>,
 }
+
+/// Sentinels that know the master: asked for its address before each connection, and watched
+/// for a failover (`+switch-master`), after which the link continues on the promoted replica.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// `host:port` of each Sentinel; asked in turn until one answers.
+    pub addresses: Vec<String>,
+    /// The name the Sentinels monitor the master under (`sentinel monitor <name> …`).
+    pub master_name: String,
+    /// Password of the Sentinels themselves (`requirepass` in sentinel.conf), when they have one.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// The replication commands the source connector sends.
+pub const REPLICATION_COMMANDS: [&str; 3] = ["PSYNC", "SYNC", "REPLCONF"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -296,6 +321,35 @@ impl Config {
             "snapshot.piece_bytes = {} is out of range 1024-67108864",
             self.snapshot.piece_bytes
         );
+        for (command, name) in &self.redis.rename_commands {
+            anyhow::ensure!(
+                REPLICATION_COMMANDS
+                    .iter()
+                    .any(|c| c.eq_ignore_ascii_case(command)),
+                "redis.rename_commands: {command:?} is not one the connector sends (PSYNC, SYNC, REPLCONF)"
+            );
+            anyhow::ensure!(
+                !name.contains(char::is_whitespace),
+                "redis.rename_commands.{command} = {name:?}: a command name has no spaces"
+            );
+        }
+        if self.command("PSYNC").is_none() && self.command("SYNC").is_none() {
+            anyhow::bail!("redis.rename_commands disables both PSYNC and SYNC: the connector cannot replicate");
+        }
+        if let Some(s) = &self.redis.sentinel {
+            anyhow::ensure!(!s.addresses.is_empty(), "redis.sentinel.addresses is empty");
+            for a in &s.addresses {
+                anyhow::ensure!(
+                    a.rsplit_once(':')
+                        .is_some_and(|(_, p)| p.parse::<u16>().is_ok()),
+                    "redis.sentinel.addresses: {a:?} is not host:port"
+                );
+            }
+            anyhow::ensure!(
+                !s.master_name.is_empty(),
+                "redis.sentinel.master_name is empty"
+            );
+        }
         let shard = self.shard_name();
         anyhow::ensure!(
             !shard.is_empty()
@@ -307,9 +361,32 @@ impl Config {
         Ok(())
     }
 
+    /// The name the master knows a replication command by (`PSYNC`, `SYNC`, `REPLCONF`), or
+    /// `None` when it is disabled there.
+    pub fn command<'a>(&'a self, command: &'a str) -> Option<&'a str> {
+        // Any case: environment overrides arrive in lowercase.
+        let renamed = self
+            .redis
+            .rename_commands
+            .iter()
+            .find(|(c, _)| c.eq_ignore_ascii_case(command));
+        match renamed {
+            Some((_, name)) if name.is_empty() => None,
+            Some((_, name)) => Some(name),
+            None => Some(command),
+        }
+    }
+
     pub fn shard_name(&self) -> String {
         match &self.redis.shard_name {
             Some(n) => n.clone(),
+            // The master moves on failover; the name Sentinel knows it by does not.
+            None if self.redis.sentinel.is_some() => self
+                .redis
+                .sentinel
+                .as_ref()
+                .map(|s| s.master_name.clone())
+                .unwrap_or_default(),
             None => Endpoint::parse(&self.redis.url)
                 .map(|e| e.address())
                 .unwrap_or_default(),

@@ -11,6 +11,7 @@
 //! - [`checkpoint`]: the durable resume position;
 //! - [`replica`]: the replica link (handshake, sync, stream, ACKs);
 //! - [`cluster`]: the masters of a cluster source, found again after failovers;
+//! - [`sentinel`]: the master of a source behind Redis Sentinel, followed across failovers;
 //! - [`run`]: topic preparation, one reconnect loop per source shard.
 //!
 //! `resp`, `rdb`, `commands` and `records` do no I/O: bytes in, values out.
@@ -27,5 +28,6 @@ pub mod records;
 pub mod replica;
 pub mod resp;
 pub mod run;
+pub mod sentinel;
 pub mod tls;
 pub mod transfer;

@@ -210,6 +210,17 @@ fn is_auth_problem(err: &str) -> bool {
     e.contains("password") || e.contains("auth") || e.contains("permission")
 }
 
+/// `sync.mode = "full"`: the snapshot is in Kafka, the connector's work is done.
+fn snapshot_only_done(cfg: &Config, epoch: u64, builder: &Builder) -> Result<(), LinkError> {
+    if cfg.sync.mode == SyncMode::Full {
+        return Err(LinkError::Done(format!(
+            "sync.mode = \"full\": the snapshot of epoch {epoch} ({} keys) is in Kafka; stopping",
+            builder.keys()
+        )));
+    }
+    Ok(())
+}
+
 /// Runs one replication session until it fails or `shutdown` flips.
 pub async fn session(
     shared: &mut Shared,
@@ -236,47 +247,63 @@ pub async fn session(
         };
     }
     let port = cfg.redis.listening_port.to_string();
-    for (what, args) in [
-        (
-            "REPLCONF listening-port",
-            vec![b"REPLCONF".as_slice(), b"listening-port", port.as_bytes()],
-        ),
-        (
-            "REPLCONF capa",
-            vec![b"REPLCONF".as_slice(), b"capa", b"eof", b"capa", b"psync2"],
-        ),
-    ] {
+    // The names the master knows the replication commands by (`redis.rename_commands`).
+    let replconf = cfg.command("REPLCONF");
+    let psync = cfg.command("PSYNC");
+    let sync = cfg.command("SYNC");
+    // Whether the master takes REPLCONF, and so REPLCONF ACK (masters before 2.8 answer it
+    // with an error in the middle of the stream). A master that does waits for the first ACK
+    // after a diskless transfer before it streams writes, whether the sync was PSYNC or SYNC.
+    let mut acks = replconf.is_some();
+    for (what, args) in replconf.iter().flat_map(|replconf| {
+        [
+            (
+                "REPLCONF listening-port",
+                vec![replconf.as_bytes(), b"listening-port", port.as_bytes()],
+            ),
+            (
+                "REPLCONF capa",
+                vec![replconf.as_bytes(), b"capa", b"eof", b"capa", b"psync2"],
+            ),
+        ]
+    }) {
         match conn.command(what, &args).await {
             Ok(_) => {}
             // Masters before 2.8 have no REPLCONF: SYNC follows.
             Err(LinkError::Transient(m)) if is_unknown_command(&m) => {
-                tracing::warn!(shard = %shard, "{m}: a master before 2.8");
+                tracing::warn!(shard = %shard, "{m}: a master before 2.8, or REPLCONF renamed there (redis.rename_commands)");
+                acks = false;
             }
             Err(e) => return Err(e),
         }
     }
-    let (replid, offset) = Checkpoint::psync_args(shared.checkpoint.as_ref());
-    tracing::info!(shard = %shard, source = %address, %replid, offset = %offset, "PSYNC {replid} {offset}");
-    conn.send(&[b"PSYNC", replid.as_bytes(), offset.as_bytes()])
-        .await?;
-
-    let reply = loop {
-        match transfer::psync_reply(&conn.buf) {
-            Ok(Some((reply, used))) => {
-                conn.buf.drain(..used);
-                break reply;
+    let reply = match psync {
+        Some(psync) => {
+            let (replid, offset) = Checkpoint::psync_args(shared.checkpoint.as_ref());
+            tracing::info!(shard = %shard, source = %address, %replid, offset = %offset, "{psync} {replid} {offset}");
+            conn.send(&[psync.as_bytes(), replid.as_bytes(), offset.as_bytes()])
+                .await?;
+            loop {
+                match transfer::psync_reply(&conn.buf) {
+                    Ok(Some((reply, used))) => {
+                        conn.buf.drain(..used);
+                        break reply;
+                    }
+                    Ok(None) => {
+                        conn.fill(timeout).await?;
+                    }
+                    Err(e) => return Err(LinkError::Transient(format!("source {address}: {e}"))),
+                }
             }
-            Ok(None) => {
-                conn.fill(timeout).await?;
-            }
-            Err(e) => return Err(LinkError::Transient(format!("source {address}: {e}"))),
         }
+        // PSYNC disabled on the master: SYNC it is.
+        None => PsyncReply::Error {
+            code: "ERR".into(),
+            message: "unknown command 'PSYNC' (disabled in redis.rename_commands)".into(),
+        },
     };
 
     let sync_started = Instant::now();
-    // SYNC (masters before 2.8): no REPLCONF ACK, which such a master would answer with an
-    // error in the middle of the replication stream.
-    let mut sync_only = false;
     let (mut builder, replid, start_offset) = match reply {
         PsyncReply::FullResync { replid, offset } => {
             let epoch = shared.checkpoint.as_ref().map_or(1, |c| c.epoch + 1);
@@ -286,12 +313,7 @@ pub async fn session(
                 &mut conn, shared, publisher, &replid, offset, epoch, shutdown,
             )
             .await?;
-            if cfg.sync.mode == SyncMode::Full {
-                return Err(LinkError::Done(format!(
-                    "sync.mode = \"full\": the snapshot of epoch {epoch} ({} keys) is in Kafka; stopping",
-                    builder.keys()
-                )));
-            }
+            snapshot_only_done(&cfg, epoch, &builder)?;
             (builder, replid, offset)
         }
         PsyncReply::Continue { new_replid } => {
@@ -323,22 +345,42 @@ pub async fn session(
             }
             (builder, replid, c.offset)
         }
+        PsyncReply::Sync => {
+            // A renamed PSYNC on open-source Redis: served as SYNC, without a position, so
+            // every connection is a full sync (a service that keeps its renamed PSYNC working
+            // answers +FULLRESYNC / +CONTINUE instead).
+            let epoch = shared.checkpoint.as_ref().map_or(1, |c| c.epoch + 1);
+            tracing::warn!(shard = %shard, source = %address, epoch, "the master answered {} with an RDB and no position, as it answers SYNC (open-source Redis does so for a renamed PSYNC): every reconnection will be a full sync", psync.unwrap_or_default());
+            counter!("source_full_syncs_total", "shard" => shard.clone()).increment(1);
+            let (builder, offset) =
+                full_sync(&mut conn, shared, publisher, "", 0, epoch, shutdown).await?;
+            snapshot_only_done(&cfg, epoch, &builder)?;
+            (builder, String::new(), offset)
+        }
         PsyncReply::Error { message, .. } if is_unknown_command(&message) => {
+            let Some(sync) = sync else {
+                return Err(LinkError::Fatal(format!(
+                    "source {address}: the master does not know PSYNC as {:?} ({message}) and SYNC is disabled (redis.rename_commands): set redis.rename_commands.PSYNC to the name the master's rename-command gives it",
+                    psync.unwrap_or_default()
+                )));
+            };
             // A master before 2.8: SYNC sends the RDB with no replication id or offset, so the
             // position cannot be resumed and every session starts with a full sync.
             let epoch = shared.checkpoint.as_ref().map_or(1, |c| c.epoch + 1);
             tracing::warn!(shard = %shard, source = %address, epoch, "the master does not know PSYNC ({message}): falling back to SYNC; every reconnection will be a full sync");
             counter!("source_full_syncs_total", "shard" => shard.clone()).increment(1);
-            conn.send(&[b"SYNC"]).await?;
-            sync_only = true;
+            conn.send(&[sync.as_bytes()]).await?;
             let (builder, offset) =
-                full_sync(&mut conn, shared, publisher, "", 0, epoch, shutdown).await?;
-            if cfg.sync.mode == SyncMode::Full {
-                return Err(LinkError::Done(format!(
-                    "sync.mode = \"full\": the snapshot of epoch {epoch} ({} keys) is in Kafka; stopping",
-                    builder.keys()
-                )));
-            }
+                match full_sync(&mut conn, shared, publisher, "", 0, epoch, shutdown).await {
+                    Err(LinkError::Transient(m)) if is_unknown_command(&m) => {
+                        return Err(LinkError::Fatal(format!(
+                            "{m}: the master knows neither PSYNC as {:?} nor SYNC as {sync:?}; set redis.rename_commands to the names its rename-command gives them",
+                            psync.unwrap_or_default()
+                        )))
+                    }
+                    other => other?,
+                };
+            snapshot_only_done(&cfg, epoch, &builder)?;
             (builder, String::new(), offset)
         }
         PsyncReply::Error { code, message } => {
@@ -359,7 +401,8 @@ pub async fn session(
         &mut builder,
         replid,
         start_offset,
-        !sync_only,
+        acks,
+        replconf.unwrap_or("REPLCONF").to_owned(),
         shutdown,
     )
     .await;
@@ -625,6 +668,7 @@ async fn stream(
     replid: String,
     start_offset: u64,
     acks: bool,
+    replconf: String,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let shard = shared.shard.clone();
@@ -650,6 +694,7 @@ async fn stream(
         ack_floor,
         writer_dead_tx,
         acks,
+        replconf,
     ));
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -845,6 +890,7 @@ async fn ack_loop(
     floor: u64,
     dead: mpsc::Sender<String>,
     enabled: bool,
+    replconf: String,
 ) {
     if !enabled {
         // Keep the write half open (closing it would end the link) and send nothing.
@@ -861,7 +907,11 @@ async fn ack_loop(
         let offset = acked.borrow().map_or(floor, |m| m.offset.max(floor));
         let off = offset.to_string();
         if let Err(e) = wr
-            .write_all(&encode_command(&[b"REPLCONF", b"ACK", off.as_bytes()]))
+            .write_all(&encode_command(&[
+                replconf.as_bytes(),
+                b"ACK",
+                off.as_bytes(),
+            ]))
             .await
         {
             let _ = dead.send(format!("cannot send REPLCONF ACK: {e}")).await;

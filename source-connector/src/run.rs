@@ -6,6 +6,7 @@ use crate::cluster;
 use crate::config::{Config, Endpoint};
 use crate::publish::{self, Publisher};
 use crate::replica::{self, LinkError, Shared};
+use crate::sentinel::{self, Sentinels};
 use metrics::{counter, gauge};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -128,6 +129,24 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         client,
         checkpoint_topic,
         shutdown,
+    };
+    // Behind Sentinel: the master is wherever the Sentinels say; the link asks again before
+    // each connection (`shard_loop`).
+    let endpoint = match Sentinels::of(&config) {
+        Some(sentinels) => {
+            let mut shutdown = ctx.shutdown.clone();
+            let endpoint = tokio::select! {
+                e = sentinel_master(&sentinels, &endpoint) => e?,
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            };
+            tracing::info!(
+                "Sentinel: master {:?} is at {}",
+                sentinels.master_name(),
+                endpoint.address()
+            );
+            endpoint
+        }
+        None => endpoint,
     };
     match topology(&ctx, &endpoint).await? {
         None => {
@@ -554,10 +573,16 @@ async fn shard_loop(
     let max_backoff = Duration::from_secs(config.redis.max_backoff_s.max(1));
     let timeout = Duration::from_secs(config.redis.timeout_s);
     let mut backoff = Duration::from_millis(250);
+    let sentinels = Sentinels::of(&config).filter(|_| follow.is_none());
     loop {
         let started = std::time::Instant::now();
         let result = match follow.as_mut() {
-            None => session(&config, &mut shared, &mut shutdown, None).await,
+            None => match &sentinels {
+                None => session(&config, &mut shared, &mut shutdown, None).await,
+                Some(sentinels) => {
+                    sentinel_session(sentinels, &config, &mut shared, &mut shutdown).await
+                }
+            },
             Some(f) => match resolve(&shard, f, timeout).await {
                 Ok(m) => {
                     shared.endpoint = cluster::at(&shared.endpoint, &m.host, m.port);
@@ -604,6 +629,74 @@ async fn shard_loop(
         }
         backoff = (backoff * 2).min(max_backoff);
     }
+}
+
+/// The master's endpoint from the Sentinels, asking again (with backoff) while none answers; an
+/// error when they answer but none knows the master's name.
+async fn sentinel_master(sentinels: &Sentinels, endpoint: &Endpoint) -> anyhow::Result<Endpoint> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let (s, e) = (sentinels.clone(), endpoint.clone());
+        match tokio::task::spawn_blocking(move || s.master_endpoint(&e)).await? {
+            Ok(endpoint) => return Ok(endpoint),
+            Err(e) if e.is_fatal() => anyhow::bail!("{e}"),
+            Err(e) => {
+                tracing::warn!("{e}; asking again in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// A session with the master the Sentinels name now, ended cleanly (what Kafka acknowledged
+/// is checkpointed) as soon as they name another: the next session continues there with PSYNC.
+async fn sentinel_session(
+    sentinels: &Sentinels,
+    config: &Config,
+    shared: &mut Shared,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), LinkError> {
+    let (s, e) = (sentinels.clone(), shared.endpoint.clone());
+    let endpoint = tokio::task::spawn_blocking(move || s.master_endpoint(&e))
+        .await
+        .map_err(|e| LinkError::Transient(format!("Sentinel query failed: {e}")))?
+        .map_err(|e| match e.is_fatal() {
+            true => LinkError::Fatal(e.to_string()),
+            false => LinkError::Transient(e.to_string()),
+        })?;
+    if endpoint.address() != shared.endpoint.address() {
+        tracing::warn!(
+            shard = %shared.shard,
+            "Sentinel: master {:?} moved from {} to {}: continuing there (PSYNC from the checkpoint)",
+            sentinels.master_name(),
+            shared.endpoint.address(),
+            endpoint.address()
+        );
+        counter!("source_sentinel_switches_total", "shard" => shared.shard.clone()).increment(1);
+        shared.endpoint = endpoint;
+    }
+    let (moved, relink) = watch::channel(());
+    let watcher = {
+        let sentinels = sentinels.clone();
+        let current = shared.endpoint.address();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(sentinel::POLL).await;
+                let s = sentinels.clone();
+                let now = tokio::task::spawn_blocking(move || s.master()).await;
+                if let Ok(Ok((host, port))) = now {
+                    if format!("{host}:{port}") != current {
+                        let _ = moved.send(());
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let result = session(config, shared, shutdown, Some(relink)).await;
+    watcher.abort();
+    result
 }
 
 /// One replica session with a fresh producer. It ends cleanly (checkpointing what Kafka

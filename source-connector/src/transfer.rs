@@ -14,6 +14,10 @@ pub enum PsyncReply {
     Continue { new_replid: Option<String> },
     /// An error line (`-LOADING`, `-NOMASTERLINK`, `-NOAUTH`, `-NOPERM` ...): its code and text.
     Error { code: String, message: String },
+    /// The RDB header straight away, with no position: the master served the request as `SYNC`.
+    /// Open-source Redis does that when `PSYNC` is renamed (`syncCommand` tries a partial resync
+    /// only for a command literally named "psync"). The header is left in the buffer.
+    Sync,
 }
 
 /// How the RDB payload is delimited.
@@ -74,6 +78,7 @@ pub fn psync_reply(buf: &[u8]) -> Result<Option<(PsyncReply, usize)>, Error> {
             code: w[1..].to_owned(),
             message: text[1..].to_owned(),
         },
+        w if w.starts_with('$') => return Ok(Some((PsyncReply::Sync, skip))),
         _ => {
             return Err(Error(format!(
                 "unexpected reply to PSYNC: {:?}",
@@ -117,6 +122,16 @@ pub fn rdb_framing(buf: &[u8]) -> Result<Option<(RdbFraming, usize)>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_rdb_header_instead_of_a_psync_reply_is_a_sync() {
+        let r = b"\n$EOF:0123456789012345678901234567890123456789\r\nREDIS";
+        assert_eq!(psync_reply(r).unwrap(), Some((PsyncReply::Sync, 1)));
+        assert_eq!(
+            psync_reply(b"$1234\r\n").unwrap(),
+            Some((PsyncReply::Sync, 0))
+        );
+    }
 
     #[test]
     fn replies() {
