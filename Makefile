@@ -1,5 +1,5 @@
 # Command index. Each target is one line so it reads as a list of what you can do.
-.PHONY: env build test e2e bench bench-pipeline fuzz soak reliability lint fmt schema run
+.PHONY: env build test e2e bench bench-pipeline fuzz soak campaign reliability lint fmt schema run
 
 env:    ## install redis-server and the test broker (idempotent)
 	scripts/dev-env.sh
@@ -15,6 +15,8 @@ bench-pipeline: ## snapshot and apply against a native replica and redis-benchma
 	scripts/bench-pipeline.sh
 soak:   ## 10 minutes of mixed workload with random faults, then an exact comparison
 	scripts/soak.sh 10
+campaign: ## 30 minutes of randomized overlapping faults with a history checker (SEED=... to replay)
+	scripts/campaign.sh 30 $(SEED)
 reliability: ## the table of docs/reliability.md from the last fault-test runs
 	scripts/reliability-report.sh
 fuzz:   ## fuzz the rdb and resp decoders (needs cargo-fuzz and nightly)

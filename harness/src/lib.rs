@@ -8,6 +8,8 @@
 //! - [`cluster`]: a Redis Cluster of N masters with replicas, with failover and slot migration.
 //! - [`broker`]: the Kafka-protocol broker (nisshi) with memory or sqlite storage, and topics.
 //! - [`fake_master`]: plays a recorded replication capture from the corpus to a replica.
+//! - [`history`]: a workload whose damage shows, the record of what the source acknowledged,
+//!   and a checker that classifies each difference (the fault campaign's).
 //! - [`dataset`]: reads a deployment (or a corpus JSON) into canonical form and compares two.
 //! - [`corpus`]: where `../shared/corpus` is.
 //! - [`pipeline`]: source, broker, target and both connectors together, and wait-until-equal.
@@ -25,6 +27,7 @@ pub mod connector;
 pub mod corpus;
 pub mod dataset;
 pub mod fake_master;
+pub mod history;
 pub mod pipeline;
 pub mod ports;
 pub mod process;

@@ -90,13 +90,7 @@ impl Sentinels {
 
     /// The master's port as the first Sentinel sees it.
     pub fn master_port(&self) -> Option<u16> {
-        let mut c = conn(self.sentinels.first()?.port)?;
-        let (_, port): (String, u16) = redis::cmd("SENTINEL")
-            .arg("get-master-addr-by-name")
-            .arg(MASTER_NAME)
-            .query(&mut c)
-            .ok()?;
-        Some(port)
+        master_port_seen_by(self.sentinels.first()?.port)
     }
 
     /// Forces a failover (`SENTINEL FAILOVER`, retried while no replica is ready to be
@@ -122,15 +116,7 @@ impl Sentinels {
                 let ports: Vec<Option<u16>> = self
                     .sentinels
                     .iter()
-                    .map(|s| {
-                        let mut c = conn(s.port)?;
-                        let (_, port): (String, u16) = redis::cmd("SENTINEL")
-                            .arg("get-master-addr-by-name")
-                            .arg(MASTER_NAME)
-                            .query(&mut c)
-                            .ok()?;
-                        Some(port)
-                    })
+                    .map(|s| master_port_seen_by(s.port))
                     .collect();
                 let first = ports[0]?;
                 (Some(first) != before && ports.iter().all(|p| *p == Some(first))).then_some(first)
@@ -144,4 +130,14 @@ fn conn(port: u16) -> Option<redis::Connection> {
         .ok()?
         .get_connection_with_timeout(Duration::from_secs(2))
         .ok()
+}
+
+/// The master's port as the Sentinel on `port` sees it.
+fn master_port_seen_by(port: u16) -> Option<u16> {
+    let (_, master): (String, u16) = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg(MASTER_NAME)
+        .query(&mut conn(port)?)
+        .ok()?;
+    Some(master)
 }

@@ -1035,10 +1035,16 @@ pub fn refusals(cfg: &Config) -> Result<Vec<String>, String> {
         .redis_client(&cfg.redis.url)
         .map_err(|e| format!("target {address}: {e}"))?;
     let timeout = Duration::from_secs(cfg.redis.timeout_s);
+    // A connection that answers PING: one closed before that is a target that cannot be
+    // reached (yet), not one refusing a command.
     let connect = || {
-        let conn = client.get_connection_with_timeout(timeout)?;
+        let mut conn = client.get_connection_with_timeout(timeout)?;
         conn.set_read_timeout(Some(timeout * 3))?;
-        Ok::<_, redis::RedisError>(conn)
+        match redis::cmd("PING").query::<Value>(&mut conn) {
+            Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => Err(e),
+            // Answered, even if with an error (an ACL without PING): reachable.
+            _ => Ok(conn),
+        }
     };
     // Whether `first` then `then` (when `first` is accepted) are answered without an error.
     let refused = |first: &[&str], then: &[&str]| -> Result<Option<String>, String> {

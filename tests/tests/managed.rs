@@ -30,6 +30,25 @@ fn check(kind: Kind, config: &Path) -> (bool, String) {
     (out.status.success(), stdout)
 }
 
+/// A connector whose settings the endpoint refuses: `check` fails with a line naming `setting`,
+/// and `run` exits non-zero. Returns the log of the run.
+fn refused_at_start(kind: Kind, config: &str, setting: &str) -> String {
+    let mut connector = Connector::start(kind, config, &[]).unwrap();
+    let (ok, out) = check(kind, connector.config_path());
+    assert!(!ok, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains(setting)),
+        "{out}"
+    );
+    let status = harness::wait_for("the connector to exit", Duration::from_secs(60), || {
+        connector.process().exit_status()
+    })
+    .unwrap();
+    assert!(!status.success(), "{}", connector.log());
+    connector.log()
+}
+
 /// The sink's config for `url`, with `redis_lines` added to its `[redis]` table.
 fn sink_config(url: &str, broker: &Broker, topic: &str, redis_lines: &str) -> String {
     pipeline::sink_config(url, &broker.bootstrap(), topic, &Options::default())
@@ -165,25 +184,11 @@ fn twemproxy_target_without_transactions_at_least_once() {
         &topic,
         "mode = \"proxy\"\nselect = false",
     );
-    let mut sink = Connector::start(Kind::Sink, &wrong, &[]).unwrap();
-    let (ok, out) = check(Kind::Sink, sink.config_path());
-    assert!(!ok, "{out}");
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("FAIL") && l.contains("redis.transactions = false")),
-        "{out}"
-    );
-    harness::wait_for("the sink to exit", Duration::from_secs(60), || {
-        sink.process().exit_status()
-    })
-    .map(|status| assert!(!status.success()))
-    .unwrap();
-    let log = sink.log();
+    let log = refused_at_start(Kind::Sink, &wrong, "redis.transactions = false");
     assert!(
         log.lines().any(|l| l.contains("refuses transactions") && l.contains("redis.transactions = false")),
         "{log}"
     );
-    drop(sink);
 
     let mut conn = source.conn();
     twemproxy_writes(&mut conn, 0, 500);
@@ -332,28 +337,12 @@ fn source_with_renamed_replication_commands() {
         &Options::default(),
     );
 
-    let mut wrong = Connector::start(Kind::Source, &plain, &[]).unwrap();
-    let (ok, out) = check(Kind::Source, wrong.config_path());
-    assert!(!ok, "{out}");
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("FAIL") && l.contains("redis.rename_commands.PSYNC")),
-        "{out}"
-    );
-    let status = harness::wait_for(
-        "the source connector to exit",
-        Duration::from_secs(60),
-        || wrong.process().exit_status(),
-    )
-    .unwrap();
-    assert!(!status.success());
-    let log = wrong.log();
+    let log = refused_at_start(Kind::Source, &plain, "redis.rename_commands.PSYNC");
     let line = log
         .lines()
         .find(|l| l.contains("rename_commands"))
         .unwrap_or_else(|| panic!("no line names redis.rename_commands:\n{log}"));
     assert!(line.contains("SYNC"), "{line}");
-    drop(wrong);
 
     let renamed = plain.replace(
         "[redis]\n",
@@ -441,29 +430,15 @@ fn sentinel_source_follows_a_forced_failover_with_psync() {
         )
     };
 
-    let mut wrong = Connector::start(Kind::Source, &config("no-such-master"), &[]).unwrap();
-    let (ok, out) = check(Kind::Source, wrong.config_path());
-    assert!(!ok, "{out}");
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("FAIL") && l.contains("redis.sentinel.master_name")),
-        "{out}"
+    let log = refused_at_start(
+        Kind::Source,
+        &config("no-such-master"),
+        "redis.sentinel.master_name",
     );
-    let status = harness::wait_for(
-        "the source connector to exit",
-        Duration::from_secs(60),
-        || wrong.process().exit_status(),
-    )
-    .unwrap();
-    assert!(!status.success());
     assert!(
-        wrong
-            .log()
-            .contains("monitors a master named \"no-such-master\""),
-        "{}",
-        wrong.log()
+        log.contains("monitors a master named \"no-such-master\""),
+        "{log}"
     );
-    drop(wrong);
 
     writes(&pair.master, 0, 300);
     let source_connector = Connector::start(Kind::Source, &config(MASTER_NAME), &[]).unwrap();

@@ -1,0 +1,334 @@
+//! Randomized fault campaign: the whole pipeline on 127.0.0.1 under a seeded schedule of faults,
+//! several at once where they can overlap, with a workload whose every lost, doubled or
+//! reordered write shows (`harness::history`). At quiet points (writes paused, faults ended) the
+//! target is compared with the source and with the record of what the source acknowledged, and
+//! each difference is classified. Prints the seed, the schedule and the first differences, so a
+//! failing run can be replayed; exits non-zero on any difference.
+//!
+//!   scripts/campaign.sh [MINUTES] [SEED]
+//!
+//! Faults: kill -9 and restart of either connector; broker kill -9, restarted 1-6 s later (its
+//! sqlite storage keeps the log); the target full (`maxmemory` just above its use, under
+//! `noeviction`) for 2-6 s; latency, cuts and half-open links through the TCP proxies between the
+//! source connector and the source, the sink and the target, and both connectors and Kafka; the
+//! target killed and restarted without persistence (the sink must find and apply the lost writes
+//! again); a second sink joining the group for a while (rebalances). The source keeps a 64 KB
+//! backlog, so an outage of the source connector of a second or two ends in a full resync.
+
+use harness::history::{Damage, History};
+use harness::pipeline::{Options, Pipeline, CHECKPOINT_PREFIX};
+use harness::proxy::FaultProxy;
+use harness::redis::RedisConfig;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A fault that lasts: undone at `until`.
+#[derive(Debug)]
+enum Lasting {
+    BrokerDown,
+    TargetFull,
+    Proxy(&'static str, ProxyFault),
+    ExtraSink(Box<harness::connector::Connector>),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ProxyFault {
+    Latency,
+    HalfOpen,
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let minutes: f64 = args.next().and_then(|m| m.parse().ok()).unwrap_or(10.0);
+    let seed: u64 = args
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("campaign: {minutes} min, seed {seed} (replay: scripts/campaign.sh {minutes} {seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut p = Pipeline::start(Options {
+        storage: harness::broker::Storage::Sqlite,
+        proxies: true,
+        kafka_proxy: true,
+        partitions: 4,
+        // A small backlog: an outage of the source connector of a second or two under the
+        // workload's ~2k writes/s outlives it, and the next sync is a full resync.
+        source: RedisConfig::default().with("repl-backlog-size", "64kb"),
+        // A full resync must leave the target equal to the source, deleted keys included.
+        sink_apply: "on_new_snapshot = \"flush\"".into(),
+        ..Options::default()
+    })?;
+    p.wait_running()?;
+
+    let history = Arc::new(Mutex::new(History::default()));
+    let paused = Arc::new(AtomicBool::new(false));
+    let idle = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let write_errors = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (history, paused, idle, stop, errors) = (
+            Arc::clone(&history),
+            Arc::clone(&paused),
+            Arc::clone(&idle),
+            Arc::clone(&stop),
+            Arc::clone(&write_errors),
+        );
+        let mut conn = p.source.conn();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+        std::thread::spawn(move || {
+            let mut op = 0u64;
+            while !stop.load(SeqCst) {
+                if paused.load(SeqCst) {
+                    idle.store(true, SeqCst);
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                idle.store(false, SeqCst);
+                let now = service_now_ms();
+                let mut h = history.lock().unwrap();
+                if let Err(e) = h.write(&mut conn, &mut rng, &mut op, 50, now) {
+                    // The source itself is never faulted: an error is a bug of the workload.
+                    errors.fetch_add(1, SeqCst);
+                    eprintln!("write failed: {e}");
+                }
+                drop(h);
+                // About 2,000 writes a second.
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        })
+    };
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(minutes * 60.0);
+    let mut schedule: Vec<(f64, String)> = Vec::new();
+    let mut by_kind: BTreeMap<&'static str, u32> = BTreeMap::new();
+    // Per kind: the slowest recovery of the quiet points that followed it.
+    let mut recovery_by_kind: BTreeMap<&'static str, f64> = BTreeMap::new();
+    let mut since_quiet: Vec<&'static str> = Vec::new();
+    let mut active: Vec<(Instant, Lasting)> = Vec::new();
+    let mut differences = Vec::new();
+    let mut quiet_points = 0;
+    let quiet_every = Duration::from_secs(45);
+    let mut next_quiet = Instant::now() + quiet_every;
+    let ended = |p: &mut Pipeline, fault: Lasting| -> anyhow::Result<()> {
+        match fault {
+            Lasting::BrokerDown => p.broker.restart()?,
+            Lasting::TargetFull => {
+                let _: () = p.target.cmd(&["CONFIG", "SET", "maxmemory", "0"])?;
+            }
+            Lasting::Proxy(which, f) => {
+                let proxy = proxy_of(p, which);
+                match f {
+                    ProxyFault::Latency => proxy.set_latency(Duration::ZERO),
+                    ProxyFault::HalfOpen => proxy.set_blackhole(false),
+                }
+            }
+            Lasting::ExtraSink(mut sink) => {
+                sink.stop();
+            }
+        }
+        Ok(())
+    };
+    loop {
+        let now = Instant::now();
+        // End what is due.
+        let mut i = 0;
+        while i < active.len() {
+            if active[i].0 <= now {
+                let (_, fault) = active.remove(i);
+                ended(&mut p, fault)?;
+            } else {
+                i += 1;
+            }
+        }
+        if now >= next_quiet || now >= deadline {
+            for (_, fault) in active.drain(..) {
+                ended(&mut p, fault)?;
+            }
+            quiet_points += 1;
+            paused.store(true, SeqCst);
+            harness::wait_for("the writer to pause", Duration::from_secs(30), || {
+                idle.load(SeqCst).then_some(())
+            })?;
+            let t = Instant::now();
+            let equal = p.wait_equal(Duration::from_secs(600));
+            let took = t.elapsed().as_secs_f64();
+            let target = harness::dataset::read(&mut [p.target.conn()])?;
+            let found = history
+                .lock()
+                .unwrap()
+                .check(&target, CHECKPOINT_PREFIX.as_bytes(), 2000);
+            let writes = history.lock().unwrap().writes;
+            println!(
+                "{:>6.1} s: quiet point {quiet_points}: {} writes so far, target {} the source after {took:.1} s, {} differences from the record",
+                started.elapsed().as_secs_f64(),
+                writes,
+                if equal.is_ok() { "equal to" } else { "NOT equal to" },
+                found.len()
+            );
+            if let Err(e) = &equal {
+                println!("  {e}");
+            }
+            for kind in since_quiet.drain(..) {
+                let r = recovery_by_kind.entry(kind).or_default();
+                *r = r.max(took);
+            }
+            let failed = equal.is_err() || !found.is_empty();
+            differences.extend(found);
+            if failed || now >= deadline {
+                break;
+            }
+            paused.store(false, SeqCst);
+            next_quiet = Instant::now() + quiet_every;
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(1_500..5_000)));
+        let at = started.elapsed().as_secs_f64();
+        // At most two lasting faults at once; instant ones may land during them.
+        let lasting_room = active.len() < 2;
+        let kind = rng.random_range(0..10);
+        let name: &'static str = match kind {
+            0 => {
+                p.source_connector.kill9();
+                std::thread::sleep(Duration::from_millis(rng.random_range(0..3_000)));
+                p.source_connector.restart()?;
+                "kill -9 source connector"
+            }
+            1 => {
+                p.sink.kill9();
+                std::thread::sleep(Duration::from_millis(rng.random_range(0..3_000)));
+                p.sink.restart()?;
+                "kill -9 sink connector"
+            }
+            2 if lasting_room => {
+                p.broker.kill9();
+                let until = Instant::now() + Duration::from_millis(rng.random_range(1_000..6_000));
+                active.push((until, Lasting::BrokerDown));
+                "broker kill -9, restarted 1-6 s later"
+            }
+            3 if lasting_room => {
+                let used: u64 = p
+                    .target
+                    .info_field("memory", "used_memory")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let limit = (used + 256 * 1024).to_string();
+                let _: () = p.target.cmd(&["CONFIG", "SET", "maxmemory", &limit])?;
+                let until = Instant::now() + Duration::from_millis(rng.random_range(2_000..6_000));
+                active.push((until, Lasting::TargetFull));
+                "target full (OOM under noeviction) for 2-6 s"
+            }
+            4..=6 if lasting_room => {
+                let which = ["source", "target", "kafka"][rng.random_range(0..3)];
+                let proxy = proxy_of(&p, which);
+                let until = Instant::now() + Duration::from_millis(rng.random_range(1_000..5_000));
+                match rng.random_range(0..3) {
+                    0 => {
+                        proxy.drop_connections();
+                        match which {
+                            "source" => "cut: source connector - source",
+                            "target" => "cut: sink - target",
+                            _ => "cut: connectors - Kafka",
+                        }
+                    }
+                    1 => {
+                        proxy.set_latency(Duration::from_millis(rng.random_range(20..200)));
+                        active.push((until, Lasting::Proxy(which, ProxyFault::Latency)));
+                        match which {
+                            "source" => "latency: source connector - source",
+                            "target" => "latency: sink - target",
+                            _ => "latency: connectors - Kafka",
+                        }
+                    }
+                    _ => {
+                        proxy.set_blackhole(true);
+                        active.push((until, Lasting::Proxy(which, ProxyFault::HalfOpen)));
+                        match which {
+                            "source" => "half-open: source connector - source",
+                            "target" => "half-open: sink - target",
+                            _ => "half-open: connectors - Kafka",
+                        }
+                    }
+                }
+            }
+            7 => {
+                p.target.kill9();
+                p.target.restart()?;
+                "target restarted without persistence (empty)"
+            }
+            8 if lasting_room => {
+                let extra = p.extra_sink()?;
+                let until = Instant::now() + Duration::from_millis(rng.random_range(3_000..10_000));
+                active.push((until, Lasting::ExtraSink(Box::new(extra))));
+                "second sink joins the group for 3-10 s"
+            }
+            _ => continue,
+        };
+        *by_kind.entry(name).or_default() += 1;
+        since_quiet.push(name);
+        schedule.push((at, name.to_owned()));
+        println!("{at:>6.1} s: {name}");
+    }
+    stop.store(true, SeqCst);
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))?;
+    let history = history.lock().unwrap();
+    let injected: u32 = by_kind.values().sum();
+    println!("\ncampaign report (seed {seed}, {minutes} min, {quiet_points} quiet points):");
+    println!("  {injected} faults of {} kinds:", by_kind.len());
+    for (kind, n) in &by_kind {
+        println!(
+            "    {n:>3} × {kind} (slowest recovery after it {:.1} s)",
+            recovery_by_kind.get(kind).copied().unwrap_or(0.0)
+        );
+    }
+    let full_syncs = p
+        .source_connector
+        .metric("source_full_syncs_total", &[])
+        .unwrap_or(0.0);
+    println!(
+        "  full resyncs of the source connector's last run: {full_syncs} (the first sync included)"
+    );
+    let mut by_damage: BTreeMap<Damage, usize> = BTreeMap::new();
+    for d in &differences {
+        *by_damage.entry(d.damage).or_default() += 1;
+    }
+    println!(
+        "  {} writes checked; {} write errors; differences: {}",
+        history.writes,
+        write_errors.load(SeqCst),
+        if differences.is_empty() {
+            "none (0 lost, 0 doubled, 0 reordered)".to_owned()
+        } else {
+            format!("{by_damage:?}")
+        }
+    );
+    for d in differences.iter().take(20) {
+        println!("    {d}");
+    }
+    anyhow::ensure!(
+        differences.is_empty() && write_errors.load(SeqCst) == 0,
+        "the campaign found differences (seed {seed}); schedule: {schedule:?}"
+    );
+    Ok(())
+}
+
+fn proxy_of<'a>(p: &'a Pipeline, which: &str) -> &'a FaultProxy {
+    match which {
+        "source" => p.source_proxy.as_ref(),
+        "target" => p.target_proxy.as_ref(),
+        _ => p.kafka_proxy.as_ref(),
+    }
+    .expect("the campaign runs with every proxy")
+}
+
+fn service_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
