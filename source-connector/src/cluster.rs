@@ -151,6 +151,12 @@ pub fn discover(
     let nodes: redis::RedisResult<String> = redis::cmd("CLUSTER").arg("NODES").query(&mut conn);
     match nodes {
         Ok(text) => Ok(Some(parse_nodes(&text))),
+        // The TLS handshake runs with the first command (redis-rs sends none on connecting):
+        // a certificate problem is the replica link's to report, as above.
+        Err(e) if endpoint.tls && is_tls_failure(&e) => {
+            tracing::debug!("source {address}: {e}");
+            Ok(None)
+        }
         // No answer: retry later.
         Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
             Err(format!("source {address}: {e}"))
