@@ -360,8 +360,13 @@ impl Lane {
             Value::Map(items) => items,
             _ => Vec::new(),
         };
+        // Barrier arrival markers are written outside transactions, so they can land on a
+        // target that lost everything: a hash holding only markers is no checkpoint (the lane
+        // replays the partition from its start), not one of a version before `kafka:offset`.
         let mut checkpoint = Checkpoint {
-            exists: !pairs.is_empty(),
+            exists: pairs
+                .iter()
+                .any(|(f, _)| !matches!(f, Value::BulkString(f) if f.starts_with(b"barrier:"))),
             ..Checkpoint::default()
         };
         for pair in pairs {

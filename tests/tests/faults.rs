@@ -370,6 +370,30 @@ fn target_losing_applied_writes_is_replayed_from_its_checkpoints() {
     assert!(again > rewinds, "rewinds {again}");
 }
 
+/// A target that lost everything except a barrier marker, which a lane writes outside its
+/// transactions (it can land on a target that restarted empty before the lane noticed): the
+/// partition's checkpoint hash exists but holds no position and no `kafka:offset`. It must be
+/// read as no checkpoint (replay the partition from its start), not as one written by a version
+/// without `kafka:offset` (trust the group's committed offset, which skips every lost write).
+/// Suspected after the fault campaign's seed 20261206 (docs/reliability.md).
+#[test]
+fn a_checkpoint_holding_only_a_barrier_marker_replays_the_partition() {
+    let mut p = Pipeline::start(Options::default()).unwrap();
+    ordered_writes(&p.source, 1, 500);
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+    // A clean stop commits the group's offsets past everything.
+    p.sink.stop();
+    let _: () = p.target.cmd(&["FLUSHALL"]).unwrap();
+    let key = format!("{}:{}:0", harness::pipeline::CHECKPOINT_PREFIX, p.topic);
+    let _: () = p
+        .target
+        .cmd(&["HSET", &key, "barrier:source", "1:1:0"])
+        .unwrap();
+    p.sink.restart().unwrap();
+    ordered_writes(&p.source, 2, 100);
+    p.wait_equal(Duration::from_secs(60)).unwrap();
+}
+
 /// Network faults between each connector and Redis, through the harness's fault-injecting TCP
 /// proxy, while counters, lists and appends are written: added latency, connections cut at random
 /// moments, and half-open links that stop answering without a reset. The target ends equal

@@ -49,6 +49,12 @@ fn refused_at_start(kind: Kind, config: &str, setting: &str) -> String {
     connector.log()
 }
 
+/// A source connector with the harness's default settings.
+fn source_connector(url: &str, broker: &Broker, topic: &str) -> Connector {
+    let config = pipeline::source_config(url, &broker.bootstrap(), topic, &Options::default());
+    Connector::start(Kind::Source, &config, &[]).unwrap()
+}
+
 /// The sink's config for `url`, with `redis_lines` added to its `[redis]` table.
 fn sink_config(url: &str, broker: &Broker, topic: &str, redis_lines: &str) -> String {
     pipeline::sink_config(url, &broker.bootstrap(), topic, &Options::default())
@@ -106,17 +112,7 @@ fn proxy_target_takes_single_slot_transactions_through_sink_kill9() {
     let proxy = SlotProxy::start(&cluster.nodes()[0].addr()).unwrap();
     let broker = Broker::start(Storage::Memory).unwrap();
     let topic = random_topic("to-proxy");
-    let source_connector = Connector::start(
-        Kind::Source,
-        &pipeline::source_config(
-            &source.url(),
-            &broker.bootstrap(),
-            &topic,
-            &Options::default(),
-        ),
-        &[],
-    )
-    .unwrap();
+    let source_connector = source_connector(&source.url(), &broker, &topic);
     let config = sink_config(&proxy.url(), &broker, &topic, "mode = \"proxy\"");
     let mut sink = Connector::start(Kind::Sink, &config, &[]).unwrap();
     let (ok, out) = check(Kind::Sink, sink.config_path());
@@ -192,17 +188,7 @@ fn twemproxy_target_without_transactions_at_least_once() {
 
     let mut conn = source.conn();
     twemproxy_writes(&mut conn, 0, 500);
-    let source_connector = Connector::start(
-        Kind::Source,
-        &pipeline::source_config(
-            &source.url(),
-            &broker.bootstrap(),
-            &topic,
-            &Options::default(),
-        ),
-        &[],
-    )
-    .unwrap();
+    let source_connector = source_connector(&source.url(), &broker, &topic);
     let config = sink_config(
         &proxy.url(),
         &broker,
@@ -354,12 +340,7 @@ fn source_with_renamed_replication_commands() {
     assert!(out.contains("PSYNC known (as MY-PSYNC-9f2)"), "{out}");
     let sink = Connector::start(
         Kind::Sink,
-        &pipeline::sink_config(
-            &target.url(),
-            &broker.bootstrap(),
-            &topic,
-            &Options::default(),
-        ),
+        &sink_config(&target.url(), &broker, &topic, ""),
         &[],
     )
     .unwrap();
@@ -453,12 +434,7 @@ fn sentinel_source_follows_a_forced_failover_with_psync() {
     );
     let sink = Connector::start(
         Kind::Sink,
-        &pipeline::sink_config(
-            &target.url(),
-            &broker.bootstrap(),
-            &topic,
-            &Options::default(),
-        ),
+        &sink_config(&target.url(), &broker, &topic, ""),
         &[],
     )
     .unwrap();
