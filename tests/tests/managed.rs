@@ -451,8 +451,14 @@ fn sentinel_source_follows_a_forced_failover_with_psync() {
     // pipeline: the writer holds off while the Sentinels switch).
     let master_url = Arc::new(Mutex::new(pair.master.url()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Rounds of writes done, so the test waits for writes instead of for time.
+    let rounds = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let writer = {
-        let (master_url, stop) = (Arc::clone(&master_url), Arc::clone(&stop));
+        let (master_url, stop, rounds) = (
+            Arc::clone(&master_url),
+            Arc::clone(&stop),
+            Arc::clone(&rounds),
+        );
         std::thread::spawn(move || {
             let mut i = 0u32;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -476,12 +482,21 @@ fn sentinel_source_follows_a_forced_failover_with_psync() {
                     i += 1;
                 }
                 drop(url);
+                rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(5));
             }
             i
         })
     };
-    std::thread::sleep(Duration::from_secs(2));
+    let rounds_past = |n: u32| {
+        harness::wait_for(
+            &format!("{n} rounds of writes"),
+            Duration::from_secs(60),
+            || (rounds.load(std::sync::atomic::Ordering::SeqCst) >= n).then_some(()),
+        )
+        .unwrap()
+    };
+    rounds_past(20);
     {
         let mut url = master_url.lock().unwrap();
         // Everything written so far is on the replica before it is promoted, and nothing more
@@ -505,7 +520,7 @@ fn sentinel_source_follows_a_forced_failover_with_psync() {
         *url = pair.master.url();
     }
     let _: () = pair.replica.cmd(&["CLIENT", "UNPAUSE"]).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    rounds_past(rounds.load(std::sync::atomic::Ordering::SeqCst) + 20);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let written = writer.join().unwrap();
     assert!(written > 100, "{written} writes");
