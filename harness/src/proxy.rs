@@ -1,6 +1,8 @@
 //! A fault-injecting TCP proxy on 127.0.0.1, put between a connector and Redis or Kafka: added latency,
 //! dropped connections, and a half-open mode where connections stay up but nothing gets through
-//! in either direction (as when a network path dies without a reset).
+//! in either direction (as when a network path dies without a reset). Like TCP, it never loses
+//! bytes in the middle of a connection: what a half-open link held back arrives, in order, once
+//! it heals (unless the connection was closed meanwhile).
 
 use crate::ports::free_port;
 use std::io::{ErrorKind, Read, Write};
@@ -12,7 +14,9 @@ use std::time::Duration;
 #[derive(Debug, Default)]
 struct State {
     latency_ms: AtomicU64,
-    /// Half-open: bytes are read and thrown away, nothing is forwarded, nothing is closed.
+    /// Half-open: nothing is read or forwarded, nothing is closed. The bytes wait in the
+    /// sockets' buffers (their senders block once those are full) and go through when it ends,
+    /// as TCP retransmits them once a dead path heals.
     blackhole: AtomicBool,
     /// Only the upstream's replies are thrown away: requests still arrive and run.
     drop_replies: AtomicBool,
@@ -147,8 +151,16 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: &State, generation: u64, 
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let _ = from.set_nonblocking(false);
     let mut buf = vec![0u8; 64 * 1024];
+    let cut = || state.generation.load(SeqCst) != generation;
+    // Half-open: wait, reading nothing, until the link heals or is cut.
+    let held = || {
+        while state.blackhole.load(SeqCst) && !cut() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     loop {
-        if state.generation.load(SeqCst) != generation {
+        held();
+        if cut() {
             break;
         }
         let n = match from.read(&mut buf) {
@@ -157,8 +169,13 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: &State, generation: u64, 
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(_) => break,
         };
-        if state.blackhole.load(SeqCst) || (replies && state.drop_replies.load(SeqCst)) {
+        if replies && state.drop_replies.load(SeqCst) {
             continue;
+        }
+        // Read just before the link went half-open: held back with the rest.
+        held();
+        if cut() {
+            break;
         }
         let latency = state.latency_ms.load(SeqCst);
         if latency > 0 {
@@ -216,6 +233,11 @@ mod tests {
             "nothing gets through a half-open link"
         );
         proxy.set_blackhole(false);
+        // What the half-open link held back arrives once it heals, in order: nothing is lost.
+        let mut late = [0u8; 4];
+        s.read_exact(&mut late).unwrap();
+        assert_eq!(&late, b"ping");
+        assert_eq!(roundtrip(&mut s).unwrap(), b"ping");
 
         proxy.set_latency(Duration::from_millis(200));
         let started = std::time::Instant::now();
