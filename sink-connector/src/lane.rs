@@ -127,6 +127,9 @@ pub struct Lane {
     /// Cluster targets: the slot whose records are being flushed; their checkpoint goes to that
     /// slot's hash instead of the partition's.
     batch_slot: Option<u16>,
+    /// A barrier leader about to apply: the connection ([`Target::generation`]) it read the
+    /// other lanes' arrivals on.
+    barrier_connection: Option<u64>,
     /// The offset the next message must not exceed. Set at (re)load from what the target holds
     /// (messages past it were committed but the target does not hold them) and then advanced by
     /// every message (offsets of this topic are contiguous: a message past it means the consumer
@@ -294,6 +297,7 @@ impl Lane {
             kafka_applied: None,
             slot_applied: HashMap::new(),
             batch_slot: None,
+            barrier_connection: None,
             expect_next: None,
             just_loaded: false,
             seeks: 0,
@@ -388,6 +392,15 @@ impl Lane {
             }
         }
         Ok(checkpoint)
+    }
+
+    /// On a new connection, whether the target still holds what this lane applied
+    /// ([`Lane::verify_target`]); reads and markers between writes go through here too.
+    async fn still_there(&mut self) -> Result<(), Stop> {
+        if self.target.unverified() {
+            self.verify_target().await?;
+        }
+        Ok(())
     }
 
     /// Loads the lane's checkpoint from the target: what it holds is where the lane goes on.
@@ -1185,6 +1198,19 @@ impl Lane {
         let mut from = 0;
         let mut one_at_a_time = false;
         loop {
+            if let Some(checked) = self
+                .barrier_connection
+                .filter(|c| *c != self.target.generation())
+            {
+                tracing::warn!(
+                    partition = self.partition,
+                    "the connection to the target {} changed (connection {} after {checked}) between reading the barrier's arrivals and applying it: reloading the checkpoint and reading them again",
+                    self.target.address(),
+                    self.target.generation()
+                );
+                self.barrier_connection = None;
+                return Err(ApplyFailure::Stop(Stop::Rewind));
+            }
             if self.target.unverified() {
                 self.verify_target().await.map_err(ApplyFailure::Stop)?;
             }
@@ -1388,12 +1414,16 @@ impl Lane {
                 pos_text.clone(),
             ];
             self.with_checkpoint_db().await?;
+            self.still_there().await?;
             self.query(&marker).await?;
             gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(1.0);
             let leader_key = checkpoint_key(&self.env.cfg, &self.env.topic, leader);
             let mut waiting_logged = false;
             loop {
                 self.with_checkpoint_db().await?;
+                // A target that restarted empty meanwhile lost the marker and what this lane
+                // applied before it: the leader would wait for a marker that never comes.
+                self.still_there().await?;
                 let mine = self.stored_position(self.key.clone(), shard).await?;
                 if mine.is_some_and(|p| p >= position) {
                     break;
@@ -1429,6 +1459,8 @@ impl Lane {
             .collect();
         let mut waiting_logged = false;
         loop {
+            self.with_checkpoint_db().await?;
+            self.still_there().await?;
             let mut all = true;
             for &q in &others {
                 let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
@@ -1478,7 +1510,11 @@ impl Lane {
             self.pause(Duration::from_millis(5)).await?;
         }
         // Everyone is here: apply once, and move every involved checkpoint with it. A flush
-        // would erase the checkpoint hashes, so they are rewritten after it.
+        // would erase the checkpoint hashes, so they are rewritten after it. The arrivals were
+        // read on this connection: should the barrier be applied on another one, the target may
+        // have restarted in between and lost what the others applied before it (`apply` then
+        // rewinds this lane, which comes back here and reads the arrivals again).
+        self.barrier_connection = Some(self.target.generation());
         let cmds = if scoped {
             self.scoped_flushes(cmds, db, &barrier.scope).await?
         } else {
@@ -1516,7 +1552,9 @@ impl Lane {
             }
             ops.push(self.checkpoint_op(key, &fields, kafka_offset));
         }
-        match self.apply(&ops).await {
+        let applied = self.apply(&ops).await;
+        self.barrier_connection = None;
+        match applied {
             Ok(()) => {}
             Err(ApplyFailure::Stop(s)) => return Err(s),
             Err(ApplyFailure::Continue) => {}

@@ -409,6 +409,12 @@ impl Target {
         self.unverified
     }
 
+    /// How many connections to the target this lane has opened. Two reads or writes made with
+    /// the same count ran on one connection, so the target did not restart in between.
+    pub fn generation(&self) -> u64 {
+        self.connections
+    }
+
     /// The lane checked the target's checkpoint on this connection: writes may go on.
     pub fn verified(&mut self) {
         self.unverified = false;

@@ -15,15 +15,203 @@
 //! again); a second sink joining the group for a while (rebalances). The source keeps a 64 KB
 //! backlog, so an outage of the source connector of a second or two ends in a full resync.
 
+use harness::broker::{random_topic, Broker, Storage};
+use harness::cluster::RedisCluster;
+use harness::connector::{Connector, Kind};
+use harness::dataset::{self, CompareOptions, Dataset};
 use harness::history::{Damage, History};
-use harness::pipeline::{Options, Pipeline, CHECKPOINT_PREFIX};
+use harness::pipeline::{self, Options, CHECKPOINT_PREFIX};
 use harness::proxy::FaultProxy;
-use harness::redis::RedisConfig;
+use harness::redis::{RedisConfig, RedisServer};
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The target: one server behind a fault proxy, or a Redis Cluster of three masters with a
+/// replica each (the sink follows its topology itself, so no proxy sits in front of it).
+#[derive(Debug)]
+enum Target {
+    Standalone {
+        server: RedisServer,
+        proxy: FaultProxy,
+    },
+    Cluster(RedisCluster),
+}
+
+impl Target {
+    fn masters(&self) -> Vec<&RedisServer> {
+        match self {
+            Target::Standalone { server, .. } => vec![server],
+            Target::Cluster(c) => c.masters(),
+        }
+    }
+
+    fn dataset(&self) -> redis::RedisResult<Dataset> {
+        let mut conns: Vec<redis::Connection> = self.masters().iter().map(|m| m.conn()).collect();
+        dataset::read(&mut conns)
+    }
+}
+
+/// The whole pipeline, every link that can be faulted behind a [`FaultProxy`].
+#[derive(Debug)]
+struct Rig {
+    source: RedisServer,
+    source_proxy: FaultProxy,
+    broker: Broker,
+    kafka_proxy: FaultProxy,
+    target: Target,
+    source_connector: Connector,
+    sink: Connector,
+    sink_config: String,
+}
+
+impl Rig {
+    fn start(cluster: bool) -> anyhow::Result<Rig> {
+        let options = Options {
+            partitions: 4,
+            // A full resync must leave the target equal to the source, deleted keys included.
+            sink_apply: "on_new_snapshot = \"flush\"".into(),
+            ..Options::default()
+        };
+        // A small backlog: an outage of the source connector of a second or two under the
+        // workload's ~2k writes/s outlives it, and the next sync is a full resync.
+        let source = RedisServer::start(RedisConfig::default().with("repl-backlog-size", "64kb"))?;
+        let source_proxy = FaultProxy::start(&source.addr())?;
+        let target = if cluster {
+            Target::Cluster(RedisCluster::start(3, 1, options.target.clone())?)
+        } else {
+            let server = RedisServer::start(options.target.clone())?;
+            let proxy = FaultProxy::start(&server.addr())?;
+            Target::Standalone { server, proxy }
+        };
+        let target_url = match &target {
+            Target::Standalone { proxy, .. } => format!("redis://{}", proxy.addr()),
+            Target::Cluster(c) => c.nodes()[0].url(),
+        };
+        let (broker, kafka_proxy) = Broker::start_behind_proxy(Storage::Sqlite)?;
+        let topic = random_topic("campaign");
+        let source_config = pipeline::source_config(
+            &format!("redis://{}", source_proxy.addr()),
+            &broker.bootstrap(),
+            &topic,
+            &options,
+        );
+        let sink_config = pipeline::sink_config(&target_url, &broker.bootstrap(), &topic, &options);
+        let source_connector = Connector::start(Kind::Source, &source_config, &[])?;
+        let sink = Connector::start(Kind::Sink, &sink_config, &[])?;
+        Ok(Rig {
+            source,
+            source_proxy,
+            broker,
+            kafka_proxy,
+            target,
+            source_connector,
+            sink,
+            sink_config,
+        })
+    }
+
+    /// Waits until a first write went through the whole pipeline, then takes it back.
+    fn wait_running(&self) -> anyhow::Result<()> {
+        let _: () = self.source.cmd(&["SET", "campaign:ready", "1"])?;
+        self.wait_equal(Duration::from_secs(120))?;
+        let _: () = self.source.cmd(&["DEL", "campaign:ready"])?;
+        self.wait_equal(Duration::from_secs(60))?;
+        Ok(())
+    }
+
+    /// Another sink process in the same consumer group.
+    fn extra_sink(&self) -> anyhow::Result<Connector> {
+        Connector::start(Kind::Sink, &self.sink_config, &[])
+    }
+
+    fn proxy(&self, which: &str) -> &FaultProxy {
+        match (which, &self.target) {
+            ("source", _) => &self.source_proxy,
+            ("target", Target::Standalone { proxy, .. }) => proxy,
+            _ => &self.kafka_proxy,
+        }
+    }
+
+    /// Waits until the target holds the source's dataset (checkpoint keys aside); how long it
+    /// took, or the last differences and the connectors' last log lines.
+    fn wait_equal(&self, timeout: Duration) -> anyhow::Result<f64> {
+        let opts = CompareOptions {
+            ignore_prefix: Some(CHECKPOINT_PREFIX.as_bytes().to_vec()),
+            stream_entries_read: false,
+            ..CompareOptions::default()
+        };
+        let started = Instant::now();
+        loop {
+            let expected = dataset::read(&mut [self.source.conn()])?;
+            let report = expected.compare(&self.target.dataset()?, &opts);
+            if report.is_equal() {
+                return Ok(started.elapsed().as_secs_f64());
+            }
+            if started.elapsed() > timeout {
+                anyhow::bail!("target still differs from source after {timeout:?}:\n{report}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Makes every target master full: `maxmemory` just above its use, under `noeviction`.
+    fn fill_target(&self) -> anyhow::Result<()> {
+        for m in self.target.masters() {
+            let used: u64 = m
+                .info_field("memory", "used_memory")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let _: () = m.cmd(&[
+                "CONFIG",
+                "SET",
+                "maxmemory",
+                &(used + 256 * 1024).to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn unfill_target(&self) -> anyhow::Result<()> {
+        let nodes: Vec<&RedisServer> = match &self.target {
+            Target::Standalone { server, .. } => vec![server],
+            Target::Cluster(c) => c.nodes().iter().collect(),
+        };
+        for n in nodes {
+            let _: () = n.cmd(&["CONFIG", "SET", "maxmemory", "0"])?;
+        }
+        Ok(())
+    }
+
+    /// kill -9 of the target (a cluster target: of one master) and a restart without
+    /// persistence: it comes back empty (a cluster master keeps its slots, and its replica
+    /// resynchronises from it, empty too).
+    fn restart_target_empty(&mut self, rng: &mut StdRng) -> anyhow::Result<&'static str> {
+        match &mut self.target {
+            Target::Standalone { server, .. } => {
+                server.kill9();
+                server.restart()?;
+                Ok("target restarted without persistence (empty)")
+            }
+            Target::Cluster(c) => {
+                let masters: Vec<u16> = c.masters().iter().map(|m| m.port()).collect();
+                let port = masters[rng.random_range(0..masters.len())];
+                let node = c
+                    .nodes_mut()
+                    .iter_mut()
+                    .find(|n| n.port() == port)
+                    .expect("a master of the cluster");
+                node.kill9();
+                node.restart()?;
+                c.wait_stable()?;
+                Ok("target master restarted without persistence (empty)")
+            }
+        }
+    }
+}
 
 /// A fault that lasts: undone at `until`.
 #[derive(Debug)]
@@ -31,7 +219,7 @@ enum Lasting {
     BrokerDown,
     TargetFull,
     Proxy(&'static str, ProxyFault),
-    ExtraSink(Box<harness::connector::Connector>),
+    ExtraSink(Box<Connector>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -47,20 +235,17 @@ fn main() -> anyhow::Result<()> {
         .next()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
-    println!("campaign: {minutes} min, seed {seed} (replay: scripts/campaign.sh {minutes} {seed})");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut p = Pipeline::start(Options {
-        storage: harness::broker::Storage::Sqlite,
-        proxies: true,
-        kafka_proxy: true,
-        partitions: 4,
-        // A small backlog: an outage of the source connector of a second or two under the
-        // workload's ~2k writes/s outlives it, and the next sync is a full resync.
-        source: RedisConfig::default().with("repl-backlog-size", "64kb"),
-        // A full resync must leave the target equal to the source, deleted keys included.
-        sink_apply: "on_new_snapshot = \"flush\"".into(),
-        ..Options::default()
-    })?;
+    let cluster = match args.next().as_deref() {
+        None | Some("standalone") => false,
+        Some("cluster") => true,
+        Some(other) => anyhow::bail!("target kind {other:?}: expected standalone or cluster"),
+    };
+    let kind = if cluster { "cluster" } else { "standalone" };
+    println!(
+        "campaign: {minutes} min, seed {seed}, {kind} target (replay: scripts/campaign.sh {minutes} {seed} {kind})"
+    );
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut p = Rig::start(cluster)?;
     p.wait_running()?;
 
     let history = Arc::new(Mutex::new(History::default()));
@@ -77,7 +262,7 @@ fn main() -> anyhow::Result<()> {
             Arc::clone(&write_errors),
         );
         let mut conn = p.source.conn();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
         std::thread::spawn(move || {
             let mut op = 0u64;
             while !stop.load(SeqCst) {
@@ -111,16 +296,15 @@ fn main() -> anyhow::Result<()> {
     let mut active: Vec<(Instant, Lasting)> = Vec::new();
     let mut differences = Vec::new();
     let mut quiet_points = 0;
+    let mut unequal_quiet_points = 0;
     let quiet_every = Duration::from_secs(45);
     let mut next_quiet = Instant::now() + quiet_every;
-    let ended = |p: &mut Pipeline, fault: Lasting| -> anyhow::Result<()> {
+    let ended = |p: &mut Rig, fault: Lasting| -> anyhow::Result<()> {
         match fault {
             Lasting::BrokerDown => p.broker.restart()?,
-            Lasting::TargetFull => {
-                let _: () = p.target.cmd(&["CONFIG", "SET", "maxmemory", "0"])?;
-            }
+            Lasting::TargetFull => p.unfill_target()?,
             Lasting::Proxy(which, f) => {
-                let proxy = proxy_of(p, which);
+                let proxy = p.proxy(which);
                 match f {
                     ProxyFault::Latency => proxy.set_latency(Duration::ZERO),
                     ProxyFault::HalfOpen => proxy.set_blackhole(false),
@@ -154,9 +338,9 @@ fn main() -> anyhow::Result<()> {
                 idle.load(SeqCst).then_some(())
             })?;
             let t = Instant::now();
-            let equal = p.wait_equal(Duration::from_secs(600));
+            let equal = p.wait_equal(Duration::from_secs(300));
             let took = t.elapsed().as_secs_f64();
-            let target = harness::dataset::read(&mut [p.target.conn()])?;
+            let target = p.target.dataset()?;
             let found = history
                 .lock()
                 .unwrap()
@@ -176,6 +360,9 @@ fn main() -> anyhow::Result<()> {
                 let r = recovery_by_kind.entry(kind).or_default();
                 *r = r.max(took);
             }
+            if equal.is_err() {
+                unequal_quiet_points += 1;
+            }
             let failed = equal.is_err() || !found.is_empty();
             differences.extend(found);
             if failed || now >= deadline {
@@ -189,7 +376,7 @@ fn main() -> anyhow::Result<()> {
         let at = started.elapsed().as_secs_f64();
         // At most two lasting faults at once; instant ones may land during them.
         let lasting_room = active.len() < 2;
-        let kind = rng.random_range(0..10);
+        let kind = rng.random_range(0..if cluster { 12 } else { 10 });
         let name: &'static str = match kind {
             0 => {
                 p.source_connector.kill9();
@@ -210,20 +397,20 @@ fn main() -> anyhow::Result<()> {
                 "broker kill -9, restarted 1-6 s later"
             }
             3 if lasting_room => {
-                let used: u64 = p
-                    .target
-                    .info_field("memory", "used_memory")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                let limit = (used + 256 * 1024).to_string();
-                let _: () = p.target.cmd(&["CONFIG", "SET", "maxmemory", &limit])?;
+                p.fill_target()?;
                 let until = Instant::now() + Duration::from_millis(rng.random_range(2_000..6_000));
                 active.push((until, Lasting::TargetFull));
                 "target full (OOM under noeviction) for 2-6 s"
             }
             4..=6 if lasting_room => {
-                let which = ["source", "target", "kafka"][rng.random_range(0..3)];
-                let proxy = proxy_of(&p, which);
+                // A cluster target is reached directly (the sink follows its topology).
+                let links: &[&'static str] = if cluster {
+                    &["source", "kafka"]
+                } else {
+                    &["source", "target", "kafka"]
+                };
+                let which = links[rng.random_range(0..links.len())];
+                let proxy = p.proxy(which);
                 let until = Instant::now() + Duration::from_millis(rng.random_range(1_000..5_000));
                 match rng.random_range(0..3) {
                     0 => {
@@ -254,16 +441,45 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
             }
-            7 => {
-                p.target.kill9();
-                p.target.restart()?;
-                "target restarted without persistence (empty)"
-            }
+            7 => p.restart_target_empty(&mut rng)?,
             8 if lasting_room => {
                 let extra = p.extra_sink()?;
                 let until = Instant::now() + Duration::from_millis(rng.random_range(3_000..10_000));
                 active.push((until, Lasting::ExtraSink(Box::new(extra))));
                 "second sink joins the group for 3-10 s"
+            }
+            10 => {
+                let Target::Cluster(c) = &p.target else {
+                    unreachable!("a cluster target only")
+                };
+                let replicas: Vec<u16> = c.replicas().iter().map(|r| r.port()).collect();
+                if replicas.is_empty() {
+                    continue;
+                }
+                c.failover(replicas[rng.random_range(0..replicas.len())])?;
+                "target failover (a replica promoted by CLUSTER FAILOVER)"
+            }
+            11 => {
+                let Target::Cluster(c) = &p.target else {
+                    unreachable!("a cluster target only")
+                };
+                // A slot holding keys of the workload, to a master that does not own it.
+                let masters = c.masters();
+                let from = masters[rng.random_range(0..masters.len())];
+                let Ok(Some(key)) = from.cmd::<Option<String>>(&["RANDOMKEY"]) else {
+                    continue;
+                };
+                let slot: u16 = from.cmd(&["CLUSTER", "KEYSLOT", &key])?;
+                let others: Vec<u16> = masters
+                    .iter()
+                    .map(|m| m.port())
+                    .filter(|&port| Some(port) != c.master_of_slot(slot).map(|m| m.port()))
+                    .collect();
+                if others.is_empty() {
+                    continue;
+                }
+                c.migrate_slot(slot, others[rng.random_range(0..others.len())])?;
+                "target slot migration (MIGRATING/IMPORTING, MIGRATE, SETSLOT NODE)"
             }
             _ => continue,
         };
@@ -310,20 +526,24 @@ fn main() -> anyhow::Result<()> {
     for d in differences.iter().take(20) {
         println!("    {d}");
     }
+    let failed =
+        !differences.is_empty() || write_errors.load(SeqCst) > 0 || unequal_quiet_points > 0;
+    if failed {
+        // The connectors' working directories go with them: keep their logs for the replay.
+        let dir = std::env::temp_dir().join(format!("campaign-{seed}"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("sink.log"), p.sink.log())?;
+        std::fs::write(dir.join("source-connector.log"), p.source_connector.log())?;
+        println!(
+            "  the connectors' logs (last MB of each): {}",
+            dir.display()
+        );
+    }
     anyhow::ensure!(
-        differences.is_empty() && write_errors.load(SeqCst) == 0,
+        !failed,
         "the campaign found differences (seed {seed}); schedule: {schedule:?}"
     );
     Ok(())
-}
-
-fn proxy_of<'a>(p: &'a Pipeline, which: &str) -> &'a FaultProxy {
-    match which {
-        "source" => p.source_proxy.as_ref(),
-        "target" => p.target_proxy.as_ref(),
-        _ => p.kafka_proxy.as_ref(),
-    }
-    .expect("the campaign runs with every proxy")
 }
 
 fn service_now_ms() -> i64 {
