@@ -650,6 +650,31 @@ impl Lane {
         Ok(true)
     }
 
+    /// After a rewind: the consumer goes back to where the target's checkpoint ends now. Waiting
+    /// for the next message to show the gap is not enough: on a quiet partition none may come,
+    /// and the records the target lost (a barrier's follower waiting for its leader, say) would
+    /// never be applied again.
+    async fn seek_to_checkpoint(&mut self) {
+        let Some(offset) = self.expect_next else {
+            return;
+        };
+        let partition = self.partition;
+        let partitions = Arc::clone(&self.env.partitions);
+        match blocking(move || partitions.seek(partition, offset)).await {
+            Ok(()) => {
+                tracing::warn!(
+                    partition,
+                    "reading the partition again from offset {offset}, after what the target holds"
+                );
+                counter!("sink_rewinds_total", "partition" => self.label.clone()).increment(1);
+            }
+            Err(e) => tracing::warn!(
+                partition,
+                "seek to offset {offset} after a rewind failed ({e}); the next message will show the gap"
+            ),
+        }
+    }
+
     /// The partition's oldest offset and the offset after its newest (a consumer call, run on
     /// the blocking pool).
     async fn watermarks(&self) -> Result<(i64, i64), String> {
@@ -1429,6 +1454,15 @@ impl Lane {
                     break;
                 }
                 let theirs = self.stored_position(leader_key.clone(), shard).await?;
+                if let Some(p) = theirs.filter(|p| p.epoch == position.epoch && *p >= position) {
+                    // The leader's transaction moves this lane's checkpoint with its own: on a
+                    // cluster target the two are written one after the other, and a master that
+                    // lost writes may have lost this one.
+                    let why = format!("the leading partition {leader} is at {p}");
+                    return self
+                        .barrier_applied_before(shard, position, message, &why)
+                        .await;
+                }
                 if let Some(p) = theirs.filter(|p| p.epoch > position.epoch) {
                     // The leader may have applied it and moved on just now: look again first.
                     let mine = self.stored_position(self.key.clone(), shard).await?;
@@ -1462,6 +1496,8 @@ impl Lane {
             self.with_checkpoint_db().await?;
             self.still_there().await?;
             let mut all = true;
+            // Whether every other involved partition's checkpoint is past the barrier.
+            let mut all_past = true;
             for &q in &others {
                 let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
                 self.with_checkpoint_db().await?;
@@ -1495,10 +1531,18 @@ impl Lane {
                     let why = format!("partition {q} is already at {p}");
                     return self.abandon_barrier(shard, position, message, &why).await;
                 }
+                all_past &= applied.is_some_and(|a| a >= position);
                 if !arrived {
                     all = false;
                     break;
                 }
+            }
+            if all && all_past && !others.is_empty() {
+                // Only this lane's own transaction moves the others past it: it was applied.
+                let why = format!("partitions {others:?} are past it");
+                return self
+                    .barrier_applied_before(shard, position, message, &why)
+                    .await;
             }
             if all {
                 break;
@@ -1715,6 +1759,29 @@ impl Lane {
         })
     }
 
+    /// A barrier the other involved partitions are past, although this lane's checkpoint is
+    /// not: it was applied, and this lane's checkpoint lost it (a target, or a cluster target's
+    /// master, that lost writes, and the lane is applying the partition again). Applying its
+    /// commands again would apply them twice where the target kept them; the lane records it as
+    /// applied and goes on.
+    async fn barrier_applied_before(
+        &mut self,
+        shard: &str,
+        position: Position,
+        message: &Incoming,
+        why: &str,
+    ) -> Result<(), Stop> {
+        tracing::warn!(
+            partition = self.partition,
+            "barrier {position} of shard {shard} was applied before ({why}) but this partition's checkpoint does not hold it (the target lost writes since): not applied again"
+        );
+        counter!("sink_barriers_applied_before_total", "partition" => self.label.clone())
+            .increment(1);
+        gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(0.0);
+        self.checkpoint_only(shard, position, message.offset())
+            .await
+    }
+
     /// A barrier some involved partition will never reach: the source connector stopped while
     /// publishing its copies, and the next sync was a full resync (a new epoch), so the copies
     /// that did arrive are orphans — the leader would wait for a partition that has moved on, or
@@ -1806,6 +1873,7 @@ pub async fn run(
 ) {
     use futures_util::FutureExt;
     use std::sync::atomic::Ordering::SeqCst;
+    let mut rewound = false;
     loop {
         busy.store(true, SeqCst);
         if !lane.active() {
@@ -1820,6 +1888,9 @@ pub async fn run(
             .health
             .ok(&format!("lane-{}", lane.partition), "assigned");
         let mut result = lane.load().await;
+        if rewound && result.is_ok() {
+            lane.seek_to_checkpoint().await;
+        }
         while result.is_ok() {
             let first = tokio::select! {
                 m = queue.recv() => m,
@@ -1855,6 +1926,7 @@ pub async fn run(
             }
             result = lane.process(messages).await;
         }
+        rewound = matches!(result, Err(Stop::Rewind));
         if let Err(Stop::Halted(_)) = result {
             // Stay halted until the partition is revoked (a restart or rebalance retries).
             busy.store(false, SeqCst);

@@ -108,3 +108,82 @@ fn orphaned_barrier_copies_are_given_up_once_a_partition_is_in_a_newer_epoch() {
     assert_eq!(sink.metric("sink_lane_halted", &[]), Some(0.0));
     assert!(sink.log().contains("abandoned"), "{}", sink.log());
 }
+
+/// The target restarted empty while a follower lane waited at a barrier for its leader: the
+/// restart took the follower's arrival marker and everything it had applied before the barrier.
+/// The follower must notice (its next connection is checked like a write's), apply its records
+/// again and arrive again; otherwise it polls its empty checkpoint forever and the leader, once
+/// its copy comes, waits forever for a marker that is gone.
+#[test]
+fn a_target_restarted_empty_while_a_follower_waits_at_a_barrier() {
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let topic = random_topic("barrier-restart");
+    broker.create_topic(&topic, 2).unwrap();
+    let produce = |partition: i32, bytes: Vec<u8>| {
+        broker.produce_record(&topic, partition, &bytes).unwrap();
+    };
+    // Partition 1 (a follower) gets its records and its copy of the barrier first.
+    produce(1, record(1, 10, set("p1:before")));
+    produce(1, record(1, 100, barrier(&[0, 1], "together")));
+    produce(1, record(1, 110, set("p1:after")));
+
+    let mut target =
+        RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
+    let sink = Connector::start(
+        Kind::Sink,
+        &sink_config(
+            &target.url(),
+            &broker.bootstrap(),
+            &topic,
+            &Options::default(),
+        ),
+        &[],
+    )
+    .unwrap();
+    harness::wait_for(
+        "partition 1 to wait at the barrier",
+        Duration::from_secs(60),
+        || {
+            let waiting = sink.metric("sink_barrier_waiting", &[("partition", "1")]);
+            let before: Option<String> = target.cmd(&["GET", "p1:before"]).ok().flatten();
+            (waiting == Some(1.0) && before.is_some()).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", sink.log()));
+
+    target.kill9();
+    target.restart().unwrap();
+    // Now the leader's records and its copy of the barrier.
+    produce(0, record(1, 20, set("p0:before")));
+    produce(0, record(1, 100, barrier(&[0, 1], "together")));
+
+    harness::wait_for(
+        "every record applied on the restarted target",
+        Duration::from_secs(60),
+        || {
+            let all = ["p1:before", "p0:before", "together", "p1:after"]
+                .iter()
+                .all(|k| {
+                    target
+                        .cmd::<Option<String>>(&["GET", k])
+                        .ok()
+                        .flatten()
+                        .is_some()
+                });
+            all.then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", sink.log()));
+    assert_eq!(
+        target.cmd::<String>(&["GET", "together"]).unwrap(),
+        "applied"
+    );
+    assert_eq!(sink.metric("sink_lane_halted", &[]), Some(0.0));
+    assert_eq!(
+        sink.metric("sink_barriers_abandoned_total", &[])
+            .unwrap_or(0.0),
+        0.0,
+        "the barrier is applied, not given up:\n{}",
+        sink.log()
+    );
+}
