@@ -1460,7 +1460,7 @@ impl Lane {
                     // lost writes may have lost this one.
                     let why = format!("the leading partition {leader} is at {p}");
                     return self
-                        .barrier_applied_before(shard, position, message, &why)
+                        .barrier_applied_before(shard, position, message, &why, &cmds)
                         .await;
                 }
                 if let Some(p) = theirs.filter(|p| p.epoch > position.epoch) {
@@ -1541,7 +1541,7 @@ impl Lane {
                 // Only this lane's own transaction moves the others past it: it was applied.
                 let why = format!("partitions {others:?} are past it");
                 return self
-                    .barrier_applied_before(shard, position, message, &why)
+                    .barrier_applied_before(shard, position, message, &why, &cmds)
                     .await;
             }
             if all {
@@ -1764,13 +1764,33 @@ impl Lane {
     /// master, that lost writes, and the lane is applying the partition again). Applying its
     /// commands again would apply them twice where the target kept them; the lane records it as
     /// applied and goes on.
+    ///
+    /// On a cluster target that is exact only for a barrier that writes nothing: the master that
+    /// lost writes may have lost this barrier's effect too, and the topic cannot bring it back
+    /// (running it again would repeat it on the masters that kept it, and its keys' values at
+    /// that point are not in the topic). The lane halts with what to do instead of going on
+    /// with a target that differs.
     async fn barrier_applied_before(
         &mut self,
         shard: &str,
         position: Position,
         message: &Incoming,
         why: &str,
+        cmds: &[Args],
     ) -> Result<(), Stop> {
+        if self.target.slot_checkpoints() && !cmds.is_empty() {
+            let names: Vec<String> = cmds
+                .iter()
+                .map(|c| String::from_utf8_lossy(&c[0]).to_ascii_uppercase())
+                .collect();
+            return Err(self.halt(&format!(
+                "partition {} offset {}: barrier {position} of shard {shard} ({}) was applied before ({why}), but a master of the cluster target {} lost writes since and this multi-slot command's effect on it cannot be restored from the topic: resynchronise the target (see the runbook, \"a cluster target master lost writes\")",
+                self.partition,
+                message.offset(),
+                names.join(", "),
+                self.target.address()
+            )));
+        }
         tracing::warn!(
             partition = self.partition,
             "barrier {position} of shard {shard} was applied before ({why}) but this partition's checkpoint does not hold it (the target lost writes since): not applied again"
