@@ -15,8 +15,8 @@ bench-pipeline: ## snapshot and apply against a native replica and redis-benchma
 	scripts/bench-pipeline.sh
 soak:   ## 10 minutes of mixed workload with random faults, then an exact comparison
 	scripts/soak.sh 10
-campaign: ## 30 minutes of randomized overlapping faults with a history checker (SEED=... to replay)
-	scripts/campaign.sh 30 $(SEED)
+campaign: ## 30 minutes of randomized overlapping faults with a history checker (SEED=... to replay, TARGET=cluster)
+	scripts/campaign.sh 30 $(or $(SEED),random) $(or $(TARGET),standalone)
 reliability: ## the table of docs/reliability.md from the last fault-test runs
 	scripts/reliability-report.sh
 fuzz:   ## fuzz the rdb and resp decoders (needs cargo-fuzz and nightly)

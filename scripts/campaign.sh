@@ -3,8 +3,9 @@
 # workload through the whole pipeline under a seeded schedule of overlapping faults, with the
 # target compared against the source and the record of acknowledged writes at quiet points.
 # Exits non-zero on any lost, doubled or reordered write; prints the seed to replay it.
-#   scripts/campaign.sh [MINUTES] [SEED]
-#   CAMPAIGN_PROFILE=debug scripts/campaign.sh 3 42     (what .ci/run runs, on the test build)
+#   scripts/campaign.sh [MINUTES] [SEED|random] [standalone|cluster]
+#   CAMPAIGN_PROFILE=debug scripts/campaign.sh 3 20261206 standalone   (scripts/test.sh runs this
+#   and a cluster one, on the test build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/dev-env.sh

@@ -5,7 +5,7 @@
 //! each difference is classified. Prints the seed, the schedule and the first differences, so a
 //! failing run can be replayed; exits non-zero on any difference.
 //!
-//!   scripts/campaign.sh [MINUTES] [SEED]
+//!   scripts/campaign.sh [MINUTES] [SEED|random] [standalone|cluster]
 //!
 //! Faults: kill -9 and restart of either connector; broker kill -9, restarted 1-6 s later (its
 //! sqlite storage keeps the log); the target full (`maxmemory` just above its use, under
@@ -14,6 +14,11 @@
 //! target killed and restarted without persistence (the sink must find and apply the lost writes
 //! again); a second sink joining the group for a while (rebalances). The source keeps a 64 KB
 //! backlog, so an outage of the source connector of a second or two ends in a full resync.
+//!
+//! A cluster target (three masters with a replica each) is reached directly, so its link is not
+//! proxied; it gets graceful failovers and slot migrations instead of restarts without
+//! persistence, whose loss of multi-slot commands' effects the sink cannot repair from the topic
+//! and halts on (docs/runbook.md, "A cluster target master lost writes").
 
 use harness::broker::{random_topic, Broker, Storage};
 use harness::cluster::RedisCluster;
