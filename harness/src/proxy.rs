@@ -22,6 +22,9 @@ struct State {
     drop_replies: AtomicBool,
     /// Bumped to cut every open connection.
     generation: AtomicU64,
+    /// Connections numbered below this are held as if half-open; newer ones flow (a path that
+    /// died while the client reconnects over another).
+    held_below: AtomicU64,
     /// New connections are refused (accepted and closed at once).
     refuse: AtomicBool,
     stopped: AtomicBool,
@@ -84,6 +87,18 @@ impl FaultProxy {
         self.state.blackhole.store(on, SeqCst);
     }
 
+    /// Holds every connection open now as if half-open, while new ones go through; `false`
+    /// releases them, and what they held back arrives then (as after a partition of one path
+    /// that heals once the client has moved to another).
+    pub fn set_hold_existing(&self, on: bool) {
+        let below = if on {
+            self.state.connections.load(SeqCst) + 1
+        } else {
+            0
+        };
+        self.state.held_below.store(below, SeqCst);
+    }
+
     /// Requests still reach the upstream (and run there), but its replies are thrown away: the
     /// client cannot tell whether what it sent was applied.
     pub fn set_drop_replies(&self, on: bool) {
@@ -125,7 +140,8 @@ fn accept_loop(listener: TcpListener, state: Arc<State>) {
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
-                state.connections.fetch_add(1, SeqCst);
+                // Numbered from 1.
+                let number = state.connections.fetch_add(1, SeqCst) + 1;
                 let generation = state.generation.load(SeqCst);
                 for (from, to, replies) in [(&client, &server, false), (&server, &client, true)] {
                     let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
@@ -134,7 +150,7 @@ fn accept_loop(listener: TcpListener, state: Arc<State>) {
                     let state = Arc::clone(&state);
                     let _ = std::thread::Builder::new()
                         .name("proxy-pipe".into())
-                        .spawn(move || pipe(from, to, &state, generation, replies));
+                        .spawn(move || pipe(from, to, &state, (generation, number), replies));
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -147,14 +163,20 @@ fn accept_loop(listener: TcpListener, state: Arc<State>) {
 
 /// Copies `from` to `to` until either side closes or the connection generation changes.
 /// `replies`: this direction carries the upstream's replies.
-fn pipe(mut from: TcpStream, mut to: TcpStream, state: &State, generation: u64, replies: bool) {
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    state: &State,
+    (generation, number): (u64, u64),
+    replies: bool,
+) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let _ = from.set_nonblocking(false);
     let mut buf = vec![0u8; 64 * 1024];
     let cut = || state.generation.load(SeqCst) != generation;
     // Half-open: wait, reading nothing, until the link heals or is cut.
     let held = || {
-        while state.blackhole.load(SeqCst) && !cut() {
+        while (state.blackhole.load(SeqCst) || number < state.held_below.load(SeqCst)) && !cut() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
@@ -239,6 +261,18 @@ mod tests {
         assert_eq!(&late, b"ping");
         assert_eq!(roundtrip(&mut s).unwrap(), b"ping");
 
+        // Hold what is open, let new connections through, then release: the held bytes arrive.
+        proxy.set_hold_existing(true);
+        assert!(roundtrip(&mut s).is_err(), "a held connection carries nothing");
+        let mut fresh = TcpStream::connect(proxy.addr()).unwrap();
+        fresh
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(roundtrip(&mut fresh).unwrap(), b"ping", "new ones flow");
+        proxy.set_hold_existing(false);
+        s.read_exact(&mut late).unwrap();
+        assert_eq!(&late, b"ping");
+
         proxy.set_latency(Duration::from_millis(200));
         let started = std::time::Instant::now();
         let mut s2 = TcpStream::connect(proxy.addr()).unwrap();
@@ -254,6 +288,6 @@ mod tests {
             matches!(s2.read(&mut buf), Ok(0) | Err(_)),
             "cut connections close"
         );
-        assert_eq!(proxy.connections(), 2);
+        assert_eq!(proxy.connections(), 3);
     }
 }

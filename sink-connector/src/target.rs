@@ -145,6 +145,8 @@ pub struct Target {
     pub databases: Option<u32>,
     /// Connections made so far; a new one after the first may reach a target that lost writes.
     connections: u64,
+    /// The server's id of the current connection (`CLIENT ID`), to close it from the next one.
+    client_id: Option<i64>,
     /// Set when a reconnection happened: `exec` refuses to write until the lane has compared
     /// the target's checkpoint with what it applied and cleared this (`verified`).
     unverified: bool,
@@ -244,6 +246,7 @@ impl Target {
             restore_max_version: 0,
             databases: None,
             connections: 0,
+            client_id: None,
             unverified: false,
             mode: cfg.redis.mode,
             tls: cfg.redis.tls.clone(),
@@ -320,6 +323,7 @@ impl Target {
             .arg("server")
             .query_async(&mut probe)
             .await;
+        let answers_info = info.is_ok();
         if let Ok(info) = info {
             let field = |name: &str| {
                 info.lines()
@@ -355,6 +359,9 @@ impl Target {
             Mode::Proxy => self.transactions,
             Mode::Standalone => false,
         };
+        if answers_info && !cluster {
+            self.fence(&mut probe, conn.clone()).await;
+        }
         drop(probe);
         if cluster && self.cluster.is_none() {
             let single_endpoint = self.mode == Mode::Proxy;
@@ -380,6 +387,38 @@ impl Target {
             self.unverified = true;
         }
         Ok(conn)
+    }
+
+    /// Closes the previous connection on the server's side, and learns the new one's client id.
+    ///
+    /// A connection the sink gave up on (no reply within the response timeout: a network path
+    /// that died without a reset) may still carry a transaction: should the path heal, TCP
+    /// delivers it and the target runs it, after the lane reconnected, read its checkpoint and
+    /// applied that batch again — applying it twice and moving the checkpoint back. Killed here,
+    /// before the lane reads its checkpoint on the new connection, it can no longer run: either
+    /// it ran before (the checkpoint shows it) or never will. Targets that do not answer
+    /// `CLIENT` (some proxies) go without.
+    async fn fence(&mut self, probe: &mut MultiplexedConnection, mut conn: MultiplexedConnection) {
+        if let Some(old) = self.client_id.take() {
+            let killed: Result<i64, _> = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(old)
+                .query_async(probe)
+                .await;
+            if killed == Ok(1) {
+                tracing::warn!(
+                    "target {}: the previous connection (client id {old}) was still open on the target; closed it, so that a write it may still carry cannot run after this reconnection",
+                    self.address
+                );
+                metrics::counter!("sink_target_stale_connections_closed_total").increment(1);
+            }
+        }
+        self.client_id = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut conn)
+            .await
+            .ok();
     }
 
     /// Runs one command outside a transaction (checkpoint reads, barrier markers).

@@ -698,6 +698,84 @@ fn lost_exec_replies_are_not_applied_twice() {
     );
 }
 
+/// The path to the target dies while a transaction is on its way; the sink gives up on it (6 s),
+/// reconnects over a path that works and applies the batch there. Then the first path heals, and
+/// TCP delivers what it held: the old transaction. Had it run, its writes would be applied twice
+/// and the checkpoint moved back. The sink closes its previous connection on the target before
+/// reading its checkpoint on the new one (`CLIENT KILL ID`), so the held transaction never runs.
+#[test]
+fn a_write_held_on_an_abandoned_connection_does_not_run_when_its_path_heals() {
+    let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    let p = Pipeline::start(Options {
+        proxies: true,
+        // Replies may take 6 × timeout_s: a held transaction is given up after 6 s.
+        sink_env: env("SINK_REDIS__TIMEOUT_S", "1"),
+        ..Options::default()
+    })
+    .unwrap();
+    p.wait_running().unwrap();
+    let proxy = p.target_proxy.as_ref().unwrap();
+    let mut conn = p.source.conn();
+    let mut written = 0u64;
+    let mut recovery = harness::pipeline::Recovery {
+        seconds: 0.0,
+        worst_lag_s: 0.0,
+    };
+    for round in 0..3 {
+        for i in 0..300 {
+            exec(&mut conn, &[b"INCR", format!("c:{}", i % 7).as_bytes()]);
+            exec(
+                &mut conn,
+                &[
+                    b"RPUSH",
+                    format!("l:{}", i % 3).as_bytes(),
+                    format!("{round}-{i}").as_bytes(),
+                ],
+            );
+            written += 2;
+            if i == 100 {
+                proxy.set_hold_existing(true);
+            }
+        }
+        // Held long enough for the sink to give up and apply the batches over a new connection.
+        harness::wait_for(
+            "the sink to reconnect over a new path",
+            Duration::from_secs(60),
+            || {
+                let r = p
+                    .sink
+                    .metric("sink_retries_total", &[("code", "CONNECTION")])?;
+                (r > 0.0 && p.compare().ok()?.is_equal()).then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", p.sink.log()));
+        // The old path heals: what it held reaches the target now.
+        proxy.set_hold_existing(false);
+        std::thread::sleep(Duration::from_secs(1));
+        let r = p
+            .recover(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        recovery.seconds = recovery.seconds.max(r.seconds);
+        recovery.worst_lag_s = recovery.worst_lag_s.max(r.worst_lag_s);
+    }
+    let closed = p
+        .sink
+        .metric("sink_target_stale_connections_closed_total", &[])
+        .unwrap_or(0.0);
+    assert!(
+        closed >= 3.0,
+        "each round leaves a held connection open on the target: {closed}\n{}",
+        p.sink.log()
+    );
+    assert_eq!(p.sink.metric("sink_lane_halted", &[]), Some(0.0));
+    harness::pipeline::record_reliability(
+        "target path dead with a transaction in flight, healed after the reconnection (3 times)",
+        3,
+        written,
+        recovery,
+    );
+}
+
 /// Asked to stop while the broker is gone, both connectors exit on their own within 20 s
 /// instead of waiting for Kafka (the sink's consumer would wait to leave its group, the source's
 /// producer to deliver what it holds), and nothing is lost: once the broker is back, restarted
