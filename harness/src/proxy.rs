@@ -263,7 +263,10 @@ mod tests {
 
         // Hold what is open, let new connections through, then release: the held bytes arrive.
         proxy.set_hold_existing(true);
-        assert!(roundtrip(&mut s).is_err(), "a held connection carries nothing");
+        assert!(
+            roundtrip(&mut s).is_err(),
+            "a held connection carries nothing"
+        );
         let mut fresh = TcpStream::connect(proxy.addr()).unwrap();
         fresh
             .set_read_timeout(Some(Duration::from_secs(5)))
