@@ -1,7 +1,9 @@
 //! Kafka client settings shared by both connectors.
 
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// Builds a client config from the bootstrap servers and the operator's passthrough
 /// properties (which win over our defaults, except where noted by the caller).
@@ -19,6 +21,28 @@ pub fn client_config(
         c.set(k, v);
     }
     c
+}
+
+/// Partitions of `topic`, or `None` when it does not exist.
+pub fn partition_count(client: &rdkafka::ClientConfig, topic: &str) -> anyhow::Result<Option<u32>> {
+    let consumer: BaseConsumer = client
+        .create()
+        .map_err(|e| anyhow::anyhow!("cannot create a Kafka client: {e}"))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach Kafka at {}: {e}",
+                client.get("bootstrap.servers").unwrap_or("?")
+            )
+        })?;
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    if t.error().is_some() || t.partitions().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(t.partitions().len() as u32))
 }
 
 #[cfg(test)]

@@ -1,11 +1,14 @@
 //! Plumbing both connectors share: configuration loading (TOML file plus environment overrides),
-//! logging, the `/metrics` and `/health` HTTP endpoint, Kafka client settings and shutdown.
+//! logging, the `/metrics` and `/health` HTTP endpoint, Kafka client settings, Redis endpoints
+//! and TLS, and shutdown.
 
 pub mod check;
 pub mod config;
+pub mod endpoint;
 pub mod http;
 pub mod kafka;
 pub mod shutdown;
+pub mod tls;
 
 /// How log lines are written (`[log]` in both connectors' configuration).
 #[derive(Debug, Clone, Default, serde::Deserialize)]

@@ -21,7 +21,7 @@ fn check_kafka(config: &Config, report: &mut Report) -> Option<u32> {
         &config.kafka.properties,
     );
     let topic = &config.kafka.topic;
-    match source_connector::run::partition_count(&client, topic) {
+    match service::kafka::partition_count(&client, topic) {
         Err(e) => {
             report.fail(format!("kafka: {e}"));
             None

@@ -22,7 +22,7 @@ pub enum Routing {
 }
 
 pub fn routing(args: &[Bytes]) -> Routing {
-    match source_connector::commands::slots(args) {
+    match wire::commands::slots(args) {
         Some(slots) if slots.len() == 1 => Routing::Slot(slots[0].get()),
         Some(slots) if !slots.is_empty() => Routing::CrossSlot,
         _ => {

@@ -56,7 +56,7 @@ pub struct RedisConfig {
     pub timeout_s: u64,
     /// `rediss://`: the CA and client certificate files (`[redis.tls]`).
     #[serde(default)]
-    pub tls: source_connector::tls::TlsFiles,
+    pub tls: service::tls::TlsFiles,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,8 +249,8 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        let endpoint = source_connector::config::Endpoint::parse(&self.redis.url)?;
-        if endpoint.tls || self.redis.tls != source_connector::tls::TlsFiles::default() {
+        let endpoint = service::endpoint::Endpoint::parse(&self.redis.url)?;
+        if endpoint.tls || self.redis.tls != service::tls::TlsFiles::default() {
             self.redis.tls.validate("redis")?;
         }
         anyhow::ensure!(!self.kafka.topic.is_empty(), "kafka.topic is empty");

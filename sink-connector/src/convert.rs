@@ -7,7 +7,7 @@
 use crate::config::{Config, Conflict};
 use bytes::Bytes;
 use proto::v1::{self, value::Kind};
-use source_connector::rdb;
+use wire::rdb;
 
 pub type Args = Vec<Bytes>;
 
@@ -284,7 +284,7 @@ pub fn undump(key: &Bytes, payload: &v1::DumpPayload) -> Result<Option<Kind>, St
     let mut value = None;
     while let Some(item) = decoder.next_item().map_err(|e| e.to_string())? {
         if let rdb::Item::Piece(piece) = item {
-            source_connector::records::merge(&mut value, piece);
+            wire::merge::merge(&mut value, piece);
         }
     }
     decoder.finish().map_err(|e| e.to_string())?;

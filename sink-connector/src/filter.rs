@@ -115,7 +115,7 @@ impl Filter {
         if self.include_keys.is_empty() && self.exclude_keys.is_empty() {
             return true;
         }
-        match source_connector::commands::key_indexes(args) {
+        match wire::commands::key_indexes(args) {
             Some(keys) => keys.first().is_none_or(|&i| self.key(&args[i])),
             None => true,
         }

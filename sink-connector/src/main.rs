@@ -63,7 +63,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     service::no_huge_pages();
     let cli = Cli::parse();
-    source_connector::tls::install_crypto_provider();
+    service::tls::install_crypto_provider();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -155,7 +155,7 @@ fn wait_for_topic(
     let started = Instant::now();
     let mut logged = Instant::now() - Duration::from_secs(60);
     loop {
-        match source_connector::run::partition_count(client, topic) {
+        match service::kafka::partition_count(client, topic) {
             Ok(Some(n)) => return Ok(n),
             Ok(None) => {
                 if logged.elapsed() > Duration::from_secs(10) {

@@ -7,7 +7,7 @@ use crate::convert::Args;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
-use source_connector::config::Endpoint;
+use service::endpoint::Endpoint;
 use std::time::Duration;
 
 /// Why a batch was not applied.
@@ -152,7 +152,7 @@ pub struct Target {
     unverified: bool,
     mode: Mode,
     seed: Endpoint,
-    tls: source_connector::tls::TlsFiles,
+    tls: service::tls::TlsFiles,
     /// A Redis Cluster target, or a proxy that takes single-slot transactions only: the slot
     /// map and a connection per master (one endpoint for a proxy).
     cluster: Option<ClusterState>,
@@ -276,7 +276,7 @@ impl Target {
         }
         let text = e.to_string();
         // Authentication problems do not fix themselves.
-        if source_connector::cluster::refused_credentials(&e) {
+        if service::endpoint::refused_credentials(&e) {
             return ApplyError::Permanent {
                 code: "AUTH".into(),
                 message: format!(
@@ -699,9 +699,8 @@ impl Target {
             return Ok(c.clone());
         }
         let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), "6379"));
-        let endpoint =
-            source_connector::cluster::at(&self.seed, host, port.parse().unwrap_or(6379));
-        let url = source_connector::cluster::client_url(&endpoint);
+        let endpoint = service::endpoint::at(&self.seed, host, port.parse().unwrap_or(6379));
+        let url = service::endpoint::client_url(&endpoint);
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(self.timeout)
             .set_response_timeout(self.timeout * 6);
@@ -834,9 +833,9 @@ impl Target {
                     let mut conn = self.slot_conn(0).await?;
                     self.one(&mut conn, &op.args).await?
                 }
-                Routing::CrossSlot => match source_connector::commands::route(&op.args) {
+                Routing::CrossSlot => match wire::commands::route(&op.args) {
                     // DEL, UNLINK, MSET, TOUCH …: one command per slot has the same effect.
-                    source_connector::commands::Route::Split(pieces) => {
+                    wire::commands::Route::Split(pieces) => {
                         let mut last = Value::Okay;
                         for (slot, args) in pieces {
                             let mut conn = self.slot_conn(slot.get()).await?;
@@ -868,7 +867,7 @@ impl Target {
     /// the command deleted them). Not atomic across nodes: the lane's barrier keeps every other
     /// write to these keys out meanwhile (ADR 0008).
     async fn emulate(&mut self, args: &[Bytes], op: usize) -> Result<Value, ApplyError> {
-        let Some(mut indexes) = source_connector::commands::key_indexes(args) else {
+        let Some(mut indexes) = wire::commands::key_indexes(args) else {
             return Err(cross_slot(args, Some(op)));
         };
         indexes.sort_unstable();

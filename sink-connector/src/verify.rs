@@ -104,7 +104,7 @@ impl Side {
                 slots: Vec::new(),
             });
         }
-        let seed = source_connector::config::Endpoint::parse(url)?;
+        let seed = service::endpoint::Endpoint::parse(url)?;
         let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut first)?;
         let mut nodes: Vec<(String, u16)> = Vec::new();
         let mut slots = Vec::new();
@@ -120,9 +120,9 @@ impl Side {
         }
         let mut conns = Vec::new();
         for (host, port) in &nodes {
-            let node = source_connector::cluster::at(&seed, host, *port);
+            let node = service::endpoint::at(&seed, host, *port);
             conns.push(open(
-                &source_connector::cluster::client_url(&node),
+                &service::endpoint::client_url(&node),
                 &format!("{what} cluster node"),
             )?);
         }

@@ -7,6 +7,7 @@
 //! the same checkpoint, and PSYNC continues from the old replid and offset.
 
 use crate::config::Endpoint;
+pub use service::endpoint::{at, client_url, refused_credentials};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -103,28 +104,6 @@ pub fn parse_nodes(text: &str) -> Vec<Master> {
     masters
 }
 
-/// The URL of `endpoint` for the redis client (credentials kept).
-pub fn client_url(endpoint: &Endpoint) -> String {
-    let enc = |s: &str| {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect::<String>()
-    };
-    let scheme = if endpoint.tls { "rediss" } else { "redis" };
-    let auth = match (&endpoint.user, &endpoint.password) {
-        (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
-        (None, Some(p)) => format!(":{}@", enc(p)),
-        (Some(u), None) => format!("{}@", enc(u)),
-        (None, None) => String::new(),
-    };
-    format!("{scheme}://{auth}{}:{}", endpoint.host, endpoint.port)
-}
-
 /// What one node says about the cluster: `None` when it is not in cluster mode.
 pub fn discover(
     endpoint: &Endpoint,
@@ -174,13 +153,6 @@ pub fn discover(
     }
 }
 
-/// Whether Redis refused the connection's credentials: redis-rs turns a refused `AUTH`
-/// (`WRONGPASS`) into its own error kind and keeps the server's code for the others.
-pub fn refused_credentials(e: &redis::RedisError) -> bool {
-    e.kind() == redis::ErrorKind::AuthenticationFailed
-        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
-}
-
 /// A TLS handshake that failed on the certificates (the replica link reports it as fatal).
 fn is_tls_failure(e: &redis::RedisError) -> bool {
     let text = e.to_string().to_ascii_lowercase();
@@ -203,15 +175,6 @@ pub fn discover_any(
         }
     }
     Err(format!("no cluster node answered: {}", errors.join("; ")))
-}
-
-/// `seed` with another node's address (same credentials and TLS).
-pub fn at(seed: &Endpoint, host: &str, port: u16) -> Endpoint {
-    Endpoint {
-        host: host.to_owned(),
-        port,
-        ..seed.clone()
-    }
 }
 
 /// Keys that moved between shards of a cluster source (ADR 0007).

@@ -19,15 +19,14 @@
 pub mod check;
 pub mod checkpoint;
 pub mod cluster;
-pub mod commands;
 pub mod config;
 pub mod dump;
 pub mod publish;
-pub mod rdb;
 pub mod records;
 pub mod replica;
-pub mod resp;
 pub mod run;
 pub mod sentinel;
-pub mod tls;
 pub mod transfer;
+
+pub use service::tls;
+pub use wire::{commands, rdb, resp};

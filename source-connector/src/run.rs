@@ -10,8 +10,8 @@ use crate::sentinel::{self, Sentinels};
 use metrics::{counter, gauge};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
+pub use service::kafka::partition_count;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -64,28 +64,6 @@ pub async fn prepare_topic(
             anyhow::bail!("topic {topic} was created but does not show {partitions} partitions")
         }
     }
-}
-
-/// Partitions of `topic`, or `None` when it does not exist.
-pub fn partition_count(client: &rdkafka::ClientConfig, topic: &str) -> anyhow::Result<Option<u32>> {
-    let consumer: BaseConsumer = client
-        .create()
-        .map_err(|e| anyhow::anyhow!("cannot create a Kafka client: {e}"))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach Kafka at {}: {e}",
-                client.get("bootstrap.servers").unwrap_or("?")
-            )
-        })?;
-    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-        return Ok(None);
-    };
-    if t.error().is_some() || t.partitions().is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(t.partitions().len() as u32))
 }
 
 /// Runs the connector until shutdown or a fatal error: one replica link for a standalone
