@@ -1454,10 +1454,11 @@ impl Lane {
                     break;
                 }
                 let theirs = self.stored_position(leader_key.clone(), shard).await?;
-                if let Some(p) = theirs.filter(|p| p.epoch == position.epoch && *p >= position) {
-                    // The leader's transaction moves this lane's checkpoint with its own: on a
-                    // cluster target the two are written one after the other, and a master that
-                    // lost writes may have lost this one.
+                if let Some(p) = theirs.filter(|p| p.epoch == position.epoch && *p > position) {
+                    // The leader's transaction moves this lane's checkpoint with its own, and the
+                    // leader goes past the barrier only once both are written (on a cluster
+                    // target one after the other: at the barrier itself, the leader's may be
+                    // written and this one not yet). Past it, this lane's checkpoint lost it.
                     let why = format!("the leading partition {leader} is at {p}");
                     return self
                         .barrier_applied_before(shard, position, message, &why, &cmds)
