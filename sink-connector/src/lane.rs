@@ -1458,7 +1458,13 @@ impl Lane {
                     // The leader's transaction moves this lane's checkpoint with its own, and the
                     // leader goes past the barrier only once both are written (on a cluster
                     // target one after the other: at the barrier itself, the leader's may be
-                    // written and this one not yet). Past it, this lane's checkpoint lost it.
+                    // written and this one not yet). Past it, this lane's checkpoint lost it —
+                    // unless the leader applied it and moved on between the two reads: look
+                    // again first.
+                    let mine = self.stored_position(self.key.clone(), shard).await?;
+                    if mine.is_some_and(|m| m >= position) {
+                        break;
+                    }
                     let why = format!("the leading partition {leader} is at {p}");
                     return self
                         .barrier_applied_before(shard, position, message, &why, &cmds)
