@@ -1487,6 +1487,7 @@ impl Lane {
             }
             gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(0.0);
             self.applied.insert(shard.to_owned(), position);
+            self.flushed(flushes);
             histogram!("sink_barrier_wait_seconds", "partition" => self.label.clone())
                 .record(started.elapsed().as_secs_f64());
             return Ok(());
@@ -1623,6 +1624,7 @@ impl Lane {
         }
         gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(0.0);
         self.applied.insert(shard.to_owned(), position);
+        self.flushed(flushes);
         histogram!("sink_barrier_wait_seconds", "partition" => self.label.clone())
             .record(started.elapsed().as_secs_f64());
         self.latency.record(capture_ms, message, service::now_ms());
@@ -1764,6 +1766,17 @@ impl Lane {
             Value::BulkString(s) => Position::parse(&String::from_utf8_lossy(&s)),
             _ => None,
         })
+    }
+
+    /// After a flush barrier: the flush erased the cluster target's slot checkpoints with the
+    /// data (the partition checkpoints are written again in its transaction), so what this lane
+    /// knew of them is void. Kept, a reconnection would take every slot it wrote to before the
+    /// flush for a slot whose master lost writes, and apply the partition again from its start,
+    /// bringing back keys the flush deleted.
+    fn flushed(&mut self, flushes: bool) {
+        if flushes {
+            self.slot_applied.clear();
+        }
     }
 
     /// A barrier the other involved partitions are past, although this lane's checkpoint is

@@ -488,6 +488,61 @@ fn target_master_loses_its_writes(while_stopped: bool) {
     );
 }
 
+/// A `FLUSHDB` on the source erases the target's slot checkpoints with the data. A lane that
+/// then reconnects (every reconnection to a cluster target reloads its checkpoints) must not take
+/// the erased slot checkpoints for a master that lost writes: it would apply the partition again
+/// from its start and bring back keys the flush deleted (found by the fault campaign, seed 1207).
+#[test]
+fn a_flush_then_a_reconnection_is_not_taken_for_lost_slots() {
+    let target = RedisCluster::start(3, 0, target_config()).unwrap();
+    let (source, _broker, source_connector, sink) = standalone_into(&target);
+    let mut conn = source.conn();
+    let expected = || dataset::read(&mut [source.conn()]).unwrap();
+    let actual = || dataset::read(&mut target.master_conns()).unwrap();
+    for i in 0..300 {
+        live_writes_round(&mut conn, i);
+        // Keys in slots that nothing writes to after the flush.
+        exec(&mut conn, &[b"SET", format!("before:{i}").as_bytes(), b"v"]);
+    }
+    wait_datasets_equal(
+        expected,
+        actual,
+        Duration::from_secs(60),
+        &[&source_connector, &sink],
+    );
+    exec(&mut conn, &[b"FLUSHDB"]);
+    for i in 300..400 {
+        live_writes_round(&mut conn, i);
+    }
+    wait_datasets_equal(
+        expected,
+        actual,
+        Duration::from_secs(60),
+        &[&source_connector, &sink],
+    );
+    // Cut the sink's connections to every master: its lanes reconnect and reload.
+    for m in target.masters() {
+        let _: i64 = m.cmd(&["CLIENT", "KILL", "TYPE", "normal"]).unwrap();
+    }
+    for i in 400..450 {
+        live_writes_round(&mut conn, i);
+    }
+    wait_datasets_equal(
+        expected,
+        actual,
+        Duration::from_secs(60),
+        &[&source_connector, &sink],
+    );
+    assert_eq!(
+        sink.metric("sink_target_slots_lost_total", &[])
+            .unwrap_or(0.0),
+        0.0,
+        "the flush's erased slot checkpoints were taken for lost writes:\n{}",
+        sink.log()
+    );
+    assert_eq!(sink.metric("sink_lane_halted", &[]), Some(0.0));
+}
+
 /// A standalone source, a broker and both connectors replicating into `target`.
 fn standalone_into(target: &RedisCluster) -> (RedisServer, Broker, Connector, Connector) {
     let source = RedisServer::start(RedisConfig::default()).unwrap();
