@@ -1967,6 +1967,12 @@ pub async fn run(
             result = lane.process(messages).await;
         }
         rewound = matches!(result, Err(Stop::Rewind));
+        if let Err(Stop::Revoked) = result {
+            // Another sink may hold the partition meanwhile: what this lane knew of the slot
+            // checkpoints is void (a flush there erases them; a loss while no lane of this
+            // partition ran is found from the partition checkpoint's records instead).
+            lane.slot_applied.clear();
+        }
         if let Err(Stop::Halted(_)) = result {
             // Stay halted until the partition is revoked (a restart or rebalance retries).
             busy.store(false, SeqCst);
