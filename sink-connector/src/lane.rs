@@ -130,6 +130,9 @@ pub struct Lane {
     /// A barrier leader about to apply: the connection ([`Target::generation`]) it read the
     /// other lanes' arrivals on.
     barrier_connection: Option<u64>,
+    /// Cluster targets: while slots that lost writes are applied again, the partition offset
+    /// the lane had reached before (barriers up to it were applied before the loss).
+    refill_through: Option<i64>,
     /// The offset the next message must not exceed. Set at (re)load from what the target holds
     /// (messages past it were committed but the target does not hold them) and then advanced by
     /// every message (offsets of this topic are contiguous: a message past it means the consumer
@@ -298,6 +301,7 @@ impl Lane {
             slot_applied: HashMap::new(),
             batch_slot: None,
             barrier_connection: None,
+            refill_through: None,
             expect_next: None,
             just_loaded: false,
             seeks: 0,
@@ -434,6 +438,7 @@ impl Lane {
         if let Some(from) = refill {
             self.expect_next = Some(self.expect_next.map_or(from, |e| e.min(from)));
         }
+        self.refill_through = refill.and(stored.kafka_offset);
         tracing::info!(
             partition = self.partition,
             offset = ?self.kafka_applied,
@@ -830,10 +835,36 @@ impl Lane {
             let slot = record.slot.and_then(|s| u16::try_from(s).ok());
             // On a cluster a record of a slot is judged by that slot's checkpoint alone: the
             // partition's may be ahead of a slot whose master lost writes.
-            let held = match slot.filter(|_| self.target.slot_checkpoints()) {
+            // Barriers move the partition checkpoints only: they are judged by those.
+            let barrier = matches!(body, Body::Barrier(_));
+            let held = match slot.filter(|_| self.target.slot_checkpoints() && !barrier) {
                 Some(_) => self.slot_holds(slot, &shard, position).await?,
                 None => self.is_applied(&shard, position),
             };
+            if let Some(through) = self.refill_through.filter(|t| message.offset() > *t) {
+                tracing::info!(
+                    partition = self.partition,
+                    "the slots that lost writes are applied again up to offset {through}"
+                );
+                self.refill_through = None;
+            }
+            if let (true, Some(_), Body::Barrier(b)) = (held, self.refill_through, &body) {
+                // Applied before the loss that is being repaired: an effect it had on the lost
+                // slots cannot be restored from the topic.
+                let cmds = self.filtered(convert::commands(&self.env.cfg, &b.commands));
+                if !cmds.is_empty() {
+                    self.flush(&mut batch).await?;
+                    return self
+                        .barrier_applied_before(
+                            &shard,
+                            position,
+                            &message,
+                            "this partition's checkpoint is past it",
+                            &cmds,
+                        )
+                        .await;
+                }
+            }
             if held || batched.get(&shard).is_some_and(|b| position <= *b) {
                 self.skipped_duplicates.increment(1);
                 tracing::trace!(

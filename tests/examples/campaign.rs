@@ -250,8 +250,6 @@ fn main() -> anyhow::Result<()> {
         "campaign: {minutes} min, seed {seed}, {kind} target (replay: scripts/campaign.sh {minutes} {seed} {kind})"
     );
     let mut rng = StdRng::seed_from_u64(seed);
-    // CAMPAIGN_MIGRATIONS=1 puts target slot migrations back in the cluster schedule.
-    let migrations = std::env::var("CAMPAIGN_MIGRATIONS").is_ok_and(|v| v == "1");
     let mut p = Rig::start(cluster)?;
     p.wait_running()?;
 
@@ -471,10 +469,6 @@ fn main() -> anyhow::Result<()> {
                 c.failover(replicas[rng.random_range(0..replicas.len())])?;
                 "target failover (a replica promoted by CLUSTER FAILOVER)"
             }
-            // Slot migrations on the target made lanes find slots that had lost writes (a
-            // checkpoint read during or after the move that came back empty), replay them, and
-            // halt on barriers (seed 1207, docs/reliability.md): left out until that is fixed.
-            11 if !migrations => continue,
             11 => {
                 let Target::Cluster(c) = &p.target else {
                     unreachable!("a cluster target only")
