@@ -58,6 +58,10 @@ const KAFKA_OFFSET_FIELD: &str = "kafka:offset";
 /// Seeks back to a missing offset after which the lane accepts that it holds no record.
 const MAX_SEEKS: u32 = 5;
 
+/// How long a follower sees its barrier's leader past the barrier, and its own checkpoint not,
+/// before it concludes that its checkpoint lost the barrier.
+const BARRIER_PAST_GRACE: Duration = Duration::from_secs(5);
+
 /// How long a lane waits for a message before it asks whether the partition holds any.
 const STARVED_AFTER: Duration = Duration::from_secs(30);
 
@@ -1475,6 +1479,7 @@ impl Lane {
             gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(1.0);
             let leader_key = checkpoint_key(&self.env.cfg, &self.env.topic, leader);
             let mut waiting_logged = false;
+            let mut past_since: Option<Instant> = None;
             loop {
                 self.with_checkpoint_db().await?;
                 // A target that restarted empty meanwhile lost the marker and what this lane
@@ -1496,10 +1501,21 @@ impl Lane {
                     if mine.is_some_and(|m| m >= position) {
                         break;
                     }
-                    let why = format!("the leading partition {leader} is at {p}");
-                    return self
-                        .barrier_applied_before(shard, position, message, &why, &cmds)
-                        .await;
+                    // A cluster target's checkpoints live on several masters: a read may come
+                    // from before a write the leader made on another. Only a state that lasts
+                    // is taken for a lost checkpoint.
+                    let since = *past_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= BARRIER_PAST_GRACE {
+                        let why = format!(
+                            "the leading partition {leader} is at {p}, for {:?}",
+                            since.elapsed()
+                        );
+                        return self
+                            .barrier_applied_before(shard, position, message, &why, &cmds)
+                            .await;
+                    }
+                } else {
+                    past_since = None;
                 }
                 if let Some(p) = theirs.filter(|p| p.epoch > position.epoch) {
                     // The leader may have applied it and moved on just now: look again first.
