@@ -836,15 +836,6 @@ impl Lane {
                 counter!("sink_records_skipped_total", "partition" => self.label.clone(), "reason" => "filtered").increment(1);
                 continue;
             };
-            let slot = record.slot.and_then(|s| u16::try_from(s).ok());
-            // On a cluster a record of a slot is judged by that slot's checkpoint alone: the
-            // partition's may be ahead of a slot whose master lost writes.
-            // Barriers move the partition checkpoints only: they are judged by those.
-            let barrier = matches!(body, Body::Barrier(_));
-            let held = match slot.filter(|_| self.target.slot_checkpoints() && !barrier) {
-                Some(_) => self.slot_holds(slot, &shard, position).await?,
-                None => self.is_applied(&shard, position),
-            };
             if let Some(through) = self.refill_through.filter(|t| message.offset() > *t) {
                 tracing::info!(
                     partition = self.partition,
@@ -852,6 +843,24 @@ impl Lane {
                 );
                 self.refill_through = None;
             }
+            let slot = record.slot.and_then(|s| u16::try_from(s).ok());
+            // On a cluster target a record of a slot is applied with that slot's checkpoint,
+            // and the partition's follows: a record either covers is held (a crash between the
+            // two leaves the slot's ahead). While slots that lost writes are applied again, the
+            // partition's is ahead of them by design and the slot's alone decides. Barriers move
+            // the partition checkpoints only: they are judged by those.
+            let barrier = matches!(body, Body::Barrier(_));
+            let by_slot = slot.filter(|_| self.target.slot_checkpoints() && !barrier);
+            let held = match by_slot {
+                Some(_) if self.refill_through.is_some() => {
+                    self.slot_holds(slot, &shard, position).await?
+                }
+                Some(_) => {
+                    self.is_applied(&shard, position)
+                        || self.slot_holds(slot, &shard, position).await?
+                }
+                None => self.is_applied(&shard, position),
+            };
             if let (true, Some(_), Body::Barrier(b)) = (held, self.refill_through, &body) {
                 // Applied before the loss that is being repaired: an effect it had on the lost
                 // slots cannot be restored from the topic.
