@@ -812,53 +812,72 @@ impl Target {
             }
             return result;
         }
+        // Ops run one after the other here, not atomically: should one be refused for now
+        // (`MOVED` during a failover …), those before it ran and must not run again. The lane
+        // resumes at the refused one (`Interrupted`), as for a target without transactions.
         let mut results = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
-            let v = match cluster::routing(&op.args) {
-                Routing::Slot(slot) => {
-                    let mut conn = self.slot_conn(slot).await?;
-                    self.one(&mut conn, &op.args).await?
+            match self.cluster_op(op, i).await {
+                Ok(v) => results.push(v),
+                Err(ApplyError::Transient { code, message }) if i > 0 => {
+                    return Err(ApplyError::Interrupted {
+                        done: i,
+                        ran_after: 0,
+                        code,
+                        message,
+                    })
                 }
-                Routing::AllMasters => {
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(results)
+    }
+
+    /// One op of [`Target::exec_cluster`] where it belongs; a transient refusal is an error.
+    async fn cluster_op(&mut self, op: &Op, i: usize) -> Result<Value, ApplyError> {
+        let v = match cluster::routing(&op.args) {
+            Routing::Slot(slot) => {
+                let mut conn = self.slot_conn(slot).await?;
+                self.one(&mut conn, &op.args).await?
+            }
+            Routing::AllMasters => {
+                let mut last = Value::Okay;
+                for mut conn in self.masters().await? {
+                    last = self.one(&mut conn, &op.args).await?;
+                    if server_error(&last).is_some() {
+                        break;
+                    }
+                }
+                last
+            }
+            Routing::Anywhere => {
+                let mut conn = self.slot_conn(0).await?;
+                self.one(&mut conn, &op.args).await?
+            }
+            Routing::CrossSlot => match wire::commands::route(&op.args) {
+                // DEL, UNLINK, MSET, TOUCH …: one command per slot has the same effect.
+                wire::commands::Route::Split(pieces) => {
                     let mut last = Value::Okay;
-                    for mut conn in self.masters().await? {
-                        last = self.one(&mut conn, &op.args).await?;
+                    for (slot, args) in pieces {
+                        let mut conn = self.slot_conn(slot.get()).await?;
+                        last = self.one(&mut conn, &args).await?;
                         if server_error(&last).is_some() {
                             break;
                         }
                     }
                     last
                 }
-                Routing::Anywhere => {
-                    let mut conn = self.slot_conn(0).await?;
-                    self.one(&mut conn, &op.args).await?
-                }
-                Routing::CrossSlot => match wire::commands::route(&op.args) {
-                    // DEL, UNLINK, MSET, TOUCH …: one command per slot has the same effect.
-                    wire::commands::Route::Split(pieces) => {
-                        let mut last = Value::Okay;
-                        for (slot, args) in pieces {
-                            let mut conn = self.slot_conn(slot.get()).await?;
-                            last = self.one(&mut conn, &args).await?;
-                            if server_error(&last).is_some() {
-                                break;
-                            }
-                        }
-                        last
-                    }
-                    _ => self.emulate(&op.args, i).await?,
-                },
-            };
-            if let Some((code, message)) = server_error(&v) {
-                if is_transient(&code) {
-                    let e = ApplyError::Transient { code, message };
-                    self.note_cluster_error(&e);
-                    return Err(e);
-                }
+                _ => self.emulate(&op.args, i).await?,
+            },
+        };
+        if let Some((code, message)) = server_error(&v) {
+            if is_transient(&code) {
+                let e = ApplyError::Transient { code, message };
+                self.note_cluster_error(&e);
+                return Err(e);
             }
-            results.push(v);
         }
-        Ok(results)
+        Ok(v)
     }
 
     /// A command whose keys are in several slots, run the way Redis would have run it: its keys
