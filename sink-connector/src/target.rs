@@ -145,8 +145,9 @@ pub struct Target {
     pub databases: Option<u32>,
     /// Connections made so far; a new one after the first may reach a target that lost writes.
     connections: u64,
-    /// The server's id of the current connection (`CLIENT ID`), to close it from the next one.
-    client_id: Option<i64>,
+    /// The server instance (`run_id`) and its id of the current connection (`CLIENT ID`), to
+    /// close it from the next one.
+    client_id: Option<(String, i64)>,
     /// Set when a reconnection happened: `exec` refuses to write until the lane has compared
     /// the target's checkpoint with what it applied and cleared this (`verified`).
     unverified: bool,
@@ -323,13 +324,14 @@ impl Target {
             .arg("server")
             .query_async(&mut probe)
             .await;
-        let answers_info = info.is_ok();
+        let mut run_id = None;
         if let Ok(info) = info {
             let field = |name: &str| {
                 info.lines()
                     .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
                     .map(|v| v.trim().to_owned())
             };
+            run_id = field("run_id");
             let server = field("server_name").unwrap_or_else(|| "redis".into());
             let version = field("valkey_version")
                 .or_else(|| field("redis_version"))
@@ -359,8 +361,8 @@ impl Target {
             Mode::Proxy => self.transactions,
             Mode::Standalone => false,
         };
-        if answers_info && !cluster {
-            self.fence(&mut probe, conn.clone()).await;
+        if let Some(run_id) = run_id.filter(|_| !cluster) {
+            self.fence(&mut probe, conn.clone(), run_id).await;
         }
         drop(probe);
         if cluster && self.cluster.is_none() {
@@ -398,8 +400,17 @@ impl Target {
     /// before the lane reads its checkpoint on the new connection, it can no longer run: either
     /// it ran before (the checkpoint shows it) or never will. Targets that do not answer
     /// `CLIENT` (some proxies) go without.
-    async fn fence(&mut self, probe: &mut MultiplexedConnection, mut conn: MultiplexedConnection) {
-        if let Some(old) = self.client_id.take() {
+    ///
+    /// Client ids count from 1 again when the server restarts: the old id is only closed on the
+    /// server instance (`run_id`) that gave it, never on another, where it may be anyone's.
+    async fn fence(
+        &mut self,
+        probe: &mut MultiplexedConnection,
+        mut conn: MultiplexedConnection,
+        run_id: String,
+    ) {
+        let same_server = self.client_id.as_ref().is_some_and(|(r, _)| *r == run_id);
+        if let Some((_, old)) = self.client_id.take().filter(|_| same_server) {
             let killed: Result<i64, _> = redis::cmd("CLIENT")
                 .arg("KILL")
                 .arg("ID")
@@ -418,7 +429,8 @@ impl Target {
             .arg("ID")
             .query_async(&mut conn)
             .await
-            .ok();
+            .ok()
+            .map(|id: i64| (run_id, id));
     }
 
     /// Runs one command outside a transaction (checkpoint reads, barrier markers).
