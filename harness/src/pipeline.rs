@@ -213,17 +213,9 @@ impl Pipeline {
 
     /// Source and target datasets compared (checkpoint keys ignored).
     pub fn compare(&self) -> anyhow::Result<Report> {
-        let opts = CompareOptions {
-            ignore_prefix: Some(CHECKPOINT_PREFIX.as_bytes().to_vec()),
-            // Redis 7.0 propagates XREADGROUP as XCLAIM ... LASTID, which leaves a consumer
-            // group's entries_read unset on whatever applies it: a native replica shows
-            // `entries-read` empty too (checked with redis-server 7.0.15 master and replica).
-            stream_entries_read: false,
-            ..CompareOptions::default()
-        };
         let expected = dataset::read(&mut [self.source.conn()])?;
         let actual = dataset::read(&mut [self.target.conn()])?;
-        Ok(expected.compare(&actual, &opts))
+        Ok(expected.compare(&actual, &compare_options()))
     }
 
     /// Waits until the target equals the source, or fails with the last differences and logs.
@@ -265,6 +257,18 @@ impl Pipeline {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+}
+
+/// How a pipeline's target is compared with its source: checkpoint keys left out, and a
+/// consumer group's `entries_read` not compared (Redis 7.0 propagates XREADGROUP as
+/// XCLAIM ... LASTID, which leaves it unset on whatever applies it: a native replica shows
+/// `entries-read` empty too, checked with redis-server 7.0.15 master and replica).
+pub fn compare_options() -> CompareOptions {
+    CompareOptions {
+        ignore_prefix: Some(CHECKPOINT_PREFIX.as_bytes().to_vec()),
+        stream_entries_read: false,
+        ..CompareOptions::default()
     }
 }
 

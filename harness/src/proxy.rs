@@ -25,6 +25,10 @@ struct State {
     /// Connections numbered below this are held as if half-open; newer ones flow (a path that
     /// died while the client reconnects over another).
     held_below: AtomicU64,
+    /// What `held_below` was when the hold ended.
+    released_below: AtomicU64,
+    /// Connections whose requests (client to upstream) are still being forwarded.
+    open: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// New connections are refused (accepted and closed at once).
     refuse: AtomicBool,
     stopped: AtomicBool,
@@ -96,7 +100,18 @@ impl FaultProxy {
         } else {
             0
         };
-        self.state.held_below.store(below, SeqCst);
+        let before = self.state.held_below.swap(below, SeqCst);
+        if !on {
+            self.state.released_below.store(before, SeqCst);
+        }
+    }
+
+    /// Connections the last `set_hold_existing(false)` released that are still open: 0 once
+    /// each has delivered what it held back (or found its upstream gone) and closed.
+    pub fn released_still_open(&self) -> usize {
+        let below = self.state.released_below.load(SeqCst);
+        let open = self.state.open.lock().unwrap();
+        open.range(..below).count()
     }
 
     /// Requests still reach the upstream (and run there), but its replies are thrown away: the
@@ -142,6 +157,7 @@ fn accept_loop(listener: TcpListener, state: Arc<State>) {
                 };
                 // Numbered from 1.
                 let number = state.connections.fetch_add(1, SeqCst) + 1;
+                state.open.lock().unwrap().insert(number);
                 let generation = state.generation.load(SeqCst);
                 for (from, to, replies) in [(&client, &server, false), (&server, &client, true)] {
                     let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
@@ -209,6 +225,9 @@ fn pipe(
     }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
+    if !replies {
+        state.open.lock().unwrap().remove(&number);
+    }
 }
 
 #[cfg(test)]
@@ -275,6 +294,7 @@ mod tests {
         proxy.set_hold_existing(false);
         s.read_exact(&mut late).unwrap();
         assert_eq!(&late, b"ping");
+        assert_eq!(proxy.released_still_open(), 1, "released, still open");
 
         proxy.set_latency(Duration::from_millis(200));
         let started = std::time::Instant::now();

@@ -645,8 +645,7 @@ impl Lane {
                 counter!("sink_offset_gaps_total", "partition" => self.label.clone()).increment(1);
             }
         }
-        let partitions = Arc::clone(&self.env.partitions);
-        match blocking(move || partitions.seek(partition, expected)).await {
+        match self.seek(expected).await {
             Ok(()) => self.seeks += 1,
             Err(e) => {
                 tracing::warn!(
@@ -668,8 +667,7 @@ impl Lane {
             return;
         };
         let partition = self.partition;
-        let partitions = Arc::clone(&self.env.partitions);
-        match blocking(move || partitions.seek(partition, offset)).await {
+        match self.seek(offset).await {
             Ok(()) => {
                 tracing::warn!(
                     partition,
@@ -682,6 +680,14 @@ impl Lane {
                 "seek to offset {offset} after a rewind failed ({e}); the next message will show the gap"
             ),
         }
+    }
+
+    /// Makes the partition's next message the one at `offset` (a consumer call, run on the
+    /// blocking pool).
+    async fn seek(&self, offset: i64) -> Result<(), String> {
+        let partitions = Arc::clone(&self.env.partitions);
+        let partition = self.partition;
+        blocking(move || partitions.seek(partition, offset)).await
     }
 
     /// The partition's oldest offset and the offset after its newest (a consumer call, run on

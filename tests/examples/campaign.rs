@@ -23,7 +23,7 @@
 use harness::broker::{random_topic, Broker, Storage};
 use harness::cluster::RedisCluster;
 use harness::connector::{Connector, Kind};
-use harness::dataset::{self, CompareOptions, Dataset};
+use harness::dataset::{self, Dataset};
 use harness::history::{Damage, History};
 use harness::pipeline::{self, Options, CHECKPOINT_PREFIX};
 use harness::proxy::FaultProxy;
@@ -144,11 +144,7 @@ impl Rig {
     /// Waits until the target holds the source's dataset (checkpoint keys aside); how long it
     /// took, or the last differences and the connectors' last log lines.
     fn wait_equal(&self, timeout: Duration) -> anyhow::Result<f64> {
-        let opts = CompareOptions {
-            ignore_prefix: Some(CHECKPOINT_PREFIX.as_bytes().to_vec()),
-            stream_entries_read: false,
-            ..CompareOptions::default()
-        };
+        let opts = pipeline::compare_options();
         let started = Instant::now();
         loop {
             let expected = dataset::read(&mut [self.source.conn()])?;

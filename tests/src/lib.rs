@@ -2,8 +2,8 @@
 
 use harness::cluster::ClusterClient;
 use harness::connector::Connector;
-use harness::dataset::{CompareOptions, Dataset};
-use harness::pipeline::{Recovery, CHECKPOINT_PREFIX};
+use harness::dataset::Dataset;
+use harness::pipeline::Recovery;
 use std::time::{Duration, Instant};
 
 /// Waits until `actual()` equals `expected()` (checkpoint keys ignored), or panics with the
@@ -15,12 +15,7 @@ pub fn wait_datasets_equal(
     timeout: Duration,
     logs: &[&Connector],
 ) -> Recovery {
-    let opts = CompareOptions {
-        ignore_prefix: Some(CHECKPOINT_PREFIX.as_bytes().to_vec()),
-        // Redis 7.0 propagates XREADGROUP as XCLAIM … LASTID (see harness::pipeline).
-        stream_entries_read: false,
-        ..CompareOptions::default()
-    };
+    let opts = harness::pipeline::compare_options();
     let started = Instant::now();
     let mut worst_lag_s: f64 = 0.0;
     loop {

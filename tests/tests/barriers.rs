@@ -40,6 +40,17 @@ fn barrier(partitions: &[u32], key: &str) -> Body {
     })
 }
 
+/// A sink with the default settings applying `topic` to `target`.
+fn start_sink(broker: &Broker, topic: &str, target: &RedisServer) -> Connector {
+    let config = sink_config(
+        &target.url(),
+        &broker.bootstrap(),
+        topic,
+        &Options::default(),
+    );
+    Connector::start(Kind::Sink, &config, &[]).unwrap()
+}
+
 #[test]
 fn orphaned_barrier_copies_are_given_up_once_a_partition_is_in_a_newer_epoch() {
     let broker = Broker::start(Storage::Memory).unwrap();
@@ -66,17 +77,7 @@ fn orphaned_barrier_copies_are_given_up_once_a_partition_is_in_a_newer_epoch() {
 
     let target =
         RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
-    let sink = Connector::start(
-        Kind::Sink,
-        &sink_config(
-            &target.url(),
-            &broker.bootstrap(),
-            &topic,
-            &Options::default(),
-        ),
-        &[],
-    )
-    .unwrap();
+    let sink = start_sink(&broker, &topic, &target);
     harness::wait_for(
         "every lane to reach epoch 2",
         Duration::from_secs(60),
@@ -129,17 +130,7 @@ fn a_target_restarted_empty_while_a_follower_waits_at_a_barrier() {
 
     let mut target =
         RedisServer::start(RedisConfig::default().with("maxmemory-policy", "noeviction")).unwrap();
-    let sink = Connector::start(
-        Kind::Sink,
-        &sink_config(
-            &target.url(),
-            &broker.bootstrap(),
-            &topic,
-            &Options::default(),
-        ),
-        &[],
-    )
-    .unwrap();
+    let sink = start_sink(&broker, &topic, &target);
     harness::wait_for(
         "partition 1 to wait at the barrier",
         Duration::from_secs(60),

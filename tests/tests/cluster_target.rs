@@ -533,14 +533,7 @@ fn a_flush_then_a_reconnection_is_not_taken_for_lost_slots() {
         Duration::from_secs(60),
         &[&source_connector, &sink],
     );
-    assert_eq!(
-        sink.metric("sink_target_slots_lost_total", &[])
-            .unwrap_or(0.0),
-        0.0,
-        "the flush's erased slot checkpoints were taken for lost writes:\n{}",
-        sink.log()
-    );
-    assert_eq!(sink.metric("sink_lane_halted", &[]), Some(0.0));
+    assert_no_slot_taken_for_lost(&sink);
 }
 
 /// The same erased slot checkpoints seen by a lane that gets its partition back after a second
@@ -558,12 +551,7 @@ fn a_flush_while_another_sink_held_the_partition_is_not_taken_for_lost_slots() {
         &[],
     )
     .unwrap();
-    let sink_config = pipeline::sink_config(
-        &target.nodes()[0].url(),
-        &broker.bootstrap(),
-        &topic,
-        &options,
-    );
+    let sink_config = sink_config_into(&target, &broker, &topic);
     let sink = Connector::start(Kind::Sink, &sink_config, &[]).unwrap();
     let mut conn = source.conn();
     let expected = || dataset::read(&mut [source.conn()]).unwrap();
@@ -614,14 +602,7 @@ fn a_flush_while_another_sink_held_the_partition_is_not_taken_for_lost_slots() {
         Duration::from_secs(60),
         &[&source_connector, &sink],
     );
-    assert_eq!(
-        sink.metric("sink_target_slots_lost_total", &[])
-            .unwrap_or(0.0),
-        0.0,
-        "the flush's erased slot checkpoints were taken for lost writes:\n{}",
-        sink.log()
-    );
-    assert_eq!(sink.metric("sink_lane_halted", &[]), Some(0.0));
+    assert_no_slot_taken_for_lost(&sink);
 }
 
 /// Records the consumer delivers again after a restart (its committed offset lags the
@@ -689,16 +670,29 @@ fn connectors_into(source_url: &str, target: &RedisCluster) -> (Broker, Connecto
         &[],
     )
     .unwrap();
-    let sink = Connector::start(
-        Kind::Sink,
-        &pipeline::sink_config(
-            &target.nodes()[0].url(),
-            &broker.bootstrap(),
-            &topic,
-            &options,
-        ),
-        &[],
-    )
-    .unwrap();
+    let sink =
+        Connector::start(Kind::Sink, &sink_config_into(target, &broker, &topic), &[]).unwrap();
     (broker, source_connector, sink)
+}
+
+/// A sink's configuration applying `topic` to `target`.
+fn sink_config_into(target: &RedisCluster, broker: &Broker, topic: &str) -> String {
+    pipeline::sink_config(
+        &target.nodes()[0].url(),
+        &broker.bootstrap(),
+        topic,
+        &Options::default(),
+    )
+}
+
+/// No slot was taken for one whose master lost writes, and no lane halted.
+fn assert_no_slot_taken_for_lost(sink: &Connector) {
+    assert_eq!(
+        sink.metric("sink_target_slots_lost_total", &[])
+            .unwrap_or(0.0),
+        0.0,
+        "the flush's erased slot checkpoints were taken for lost writes:\n{}",
+        sink.log()
+    );
+    assert_eq!(sink.metric("sink_lane_halted", &[]), Some(0.0));
 }

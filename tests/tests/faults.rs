@@ -751,7 +751,12 @@ fn a_write_held_on_an_abandoned_connection_does_not_run_when_its_path_heals() {
         .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", p.sink.log()));
         // The old path heals: what it held reaches the target now.
         proxy.set_hold_existing(false);
-        std::thread::sleep(Duration::from_secs(1));
+        harness::wait_for(
+            "the released connections to deliver what they held and close",
+            Duration::from_secs(30),
+            || (proxy.released_still_open() == 0).then_some(()),
+        )
+        .unwrap();
         let r = p
             .recover(Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
