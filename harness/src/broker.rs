@@ -102,14 +102,16 @@ impl Broker {
     }
 
     /// Asks the broker itself, not through its proxy: a restart must not wait for a proxy fault
-    /// (a half-open Kafka link in the fault campaign) to end.
+    /// (a half-open Kafka link in the fault campaign) to end. Generous: a restarted broker reloads
+    /// its sqlite storage first, which took over 30 s in a cluster campaign while a build shared
+    /// the two cores.
     fn wait_ready(&self) -> anyhow::Result<()> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", format!("127.0.0.1:{}", self.port))
             .create()?;
         wait_for(
             &format!("broker on port {} to serve metadata", self.port),
-            Duration::from_secs(30),
+            Duration::from_secs(120),
             || {
                 consumer
                     .fetch_metadata(None, Duration::from_secs(1))
@@ -331,6 +333,7 @@ impl Broker {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.process.restart()?;
         self.wait_ready()
+            .map_err(|e| anyhow::anyhow!("{e}; broker log:\n{}", self.process.log_tail(2000)))
     }
 
     /// The process id (0 once it has exited).

@@ -290,3 +290,18 @@ impl Config {
             .unwrap_or(db)
     }
 }
+
+/// A configuration for unit tests: the required keys, then `extra` (TOML).
+#[cfg(test)]
+pub(crate) fn for_tests(extra: &str) -> Config {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sink.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[redis]\nurl = \"redis://127.0.0.1:6379\"\n[kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\ntopic = \"t\"\ngroup_id = \"g\"\n{extra}\n"
+        ),
+    )
+    .unwrap();
+    Config::load(Some(&path)).unwrap()
+}

@@ -413,16 +413,7 @@ mod tests {
     use rdkafka::consumer::BaseConsumer;
 
     fn config(properties: &str) -> Config {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sink.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[redis]\nurl = \"redis://127.0.0.1:6379\"\n[kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\ntopic = \"t\"\ngroup_id = \"g\"\n[kafka.properties]\n{properties}\n"
-            ),
-        )
-        .unwrap();
-        Config::load(Some(&path)).unwrap()
+        crate::config::for_tests(&format!("[kafka.properties]\n{properties}"))
     }
 
     /// librdkafka accepts the consumer's settings (it checks `fetch.max.bytes` against
