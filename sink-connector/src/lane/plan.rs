@@ -365,7 +365,14 @@ mod tests {
     }
 
     fn plan(known: &Knowledge, record: v1::Record) -> Step {
-        plan_with(&config::for_tests(""), known, false, &HashMap::new(), record).step
+        plan_with(
+            &config::for_tests(""),
+            known,
+            false,
+            &HashMap::new(),
+            record,
+        )
+        .step
     }
 
     fn applied_at(offset: u64) -> Knowledge {
@@ -487,7 +494,13 @@ mod tests {
         let start = || Body::SnapshotStart(v1::SnapshotStart::default());
         assert!(ops_of(&plan(&known, record(1, None, start()))).is_empty());
         let cfg = config::for_tests("[apply]\non_new_snapshot = \"flush\"");
-        let step = plan_with(&cfg, &known, false, &HashMap::new(), record(1, None, start()));
+        let step = plan_with(
+            &cfg,
+            &known,
+            false,
+            &HashMap::new(),
+            record(1, None, start()),
+        );
         assert!(matches!(step.step, Step::ClearForSnapshot(_)));
     }
 
