@@ -73,14 +73,78 @@ const LATENCY_BUCKETS: [f64; 24] = [
 ];
 
 /// Installs the Prometheus recorder; the histograms named in `latencies` get
-/// [`LATENCY_BUCKETS`]. Call once per process, before any metric is touched.
-pub fn install_recorder(latencies: &[&str]) -> anyhow::Result<PrometheusHandle> {
+/// [`LATENCY_BUCKETS`], and the metrics `reference` (docs/metrics.md, compiled in) lists under
+/// `prefix` their help text and unit ([`describe`]). Call once per process, before any metric
+/// is touched.
+pub fn install_recorder(
+    reference: &str,
+    prefix: &str,
+    latencies: &[&str],
+) -> anyhow::Result<PrometheusHandle> {
     let mut builder = PrometheusBuilder::new().set_buckets(&BUCKETS)?;
     for name in latencies {
         builder =
             builder.set_buckets_for_metric(Matcher::Full((*name).to_owned()), &LATENCY_BUCKETS)?;
     }
-    Ok(builder.install_recorder()?)
+    let handle = builder.install_recorder()?;
+    describe(reference, prefix);
+    Ok(handle)
+}
+
+/// A metric as the reference documents it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Documented<'a> {
+    pub name: &'a str,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'a str,
+    pub meaning: String,
+}
+
+/// The metrics of docs/metrics.md's tables (rows `| `name` | type | labels | meaning |`).
+pub fn documented(reference: &str) -> Vec<Documented<'_>> {
+    reference
+        .lines()
+        .filter_map(|line| {
+            let mut cells = line.splitn(5, '|').map(str::trim);
+            let (_, name, kind, _labels) =
+                (cells.next()?, cells.next()?, cells.next()?, cells.next()?);
+            let name = name.strip_prefix('`')?.strip_suffix('`')?;
+            let meaning = cells.next()?.trim_end_matches('|').trim().replace('`', "");
+            Some(Documented {
+                name,
+                kind,
+                meaning,
+            })
+        })
+        .collect()
+}
+
+/// Gives every metric the reference lists under `prefix` its help text (`# HELP` on
+/// `/metrics`) and unit: the reference is the one place a metric is explained, and the compose
+/// test keeps it equal to the metrics the code records.
+pub fn describe(reference: &str, prefix: &str) {
+    for m in documented(reference)
+        .into_iter()
+        .filter(|m| m.name.starts_with(prefix))
+    {
+        let unit = if m.name.ends_with("_seconds") || m.name.contains("_seconds_") {
+            Some(metrics::Unit::Seconds)
+        } else if m.name.ends_with("_bytes") || m.name.contains("_bytes_") {
+            Some(metrics::Unit::Bytes)
+        } else {
+            None
+        };
+        let name = m.name.to_owned();
+        match (m.kind, unit) {
+            ("counter", Some(u)) => metrics::describe_counter!(name, u, m.meaning),
+            ("counter", None) => metrics::describe_counter!(name, m.meaning),
+            ("gauge", Some(u)) => metrics::describe_gauge!(name, u, m.meaning),
+            ("gauge", None) => metrics::describe_gauge!(name, m.meaning),
+            ("histogram", Some(u)) => metrics::describe_histogram!(name, u, m.meaning),
+            ("histogram", None) => metrics::describe_histogram!(name, m.meaning),
+            _ => {}
+        }
+    }
 }
 
 /// How often recorded histogram values are folded into their buckets. The exporter keeps every
@@ -158,4 +222,31 @@ pub async fn serve(
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_tables_give_each_metric_its_type_and_meaning() {
+        let table = "| metric | type | labels | meaning |\n| --- | --- | --- | --- |\n| `a_total` | counter | shard | Things done (`x | y`). |\ntext `b` | not a row\n";
+        assert_eq!(
+            documented(table),
+            vec![Documented {
+                name: "a_total",
+                kind: "counter",
+                meaning: "Things done (x | y).".to_owned(),
+            }]
+        );
+        let reference = include_str!("../../docs/metrics.md");
+        let all = documented(reference);
+        assert!(all.len() > 60, "{} metrics documented", all.len());
+        for m in &all {
+            assert!(
+                ["counter", "gauge", "histogram"].contains(&m.kind) && !m.meaning.is_empty(),
+                "{m:?}"
+            );
+        }
+    }
 }

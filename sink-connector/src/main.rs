@@ -103,10 +103,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let handle = service::http::install_recorder(&[
-                    "sink_end_to_end_seconds",
-                    "sink_stage_latency_seconds",
-                ])?;
+                let handle = service::http::install_recorder(
+                    include_str!("../../docs/metrics.md"),
+                    "sink_",
+                    &["sink_end_to_end_seconds", "sink_stage_latency_seconds"],
+                )?;
                 let health = service::http::Health::default();
                 let addr =
                     service::http::serve(config.metrics.listen, handle, health.clone()).await?;

@@ -11,6 +11,7 @@
 //! - [`checkpoint`]: the durable resume position;
 //! - [`replica`]: the replica link (handshake, sync, stream, ACKs);
 //! - [`cluster`]: the masters of a cluster source, found again after failovers;
+//! - [`migration`]: keys moving between the shards of a cluster source (ADR 0007);
 //! - [`sentinel`]: the master of a source behind Redis Sentinel, followed across failovers;
 //! - [`run`]: topic preparation, one reconnect loop per source shard.
 //!
@@ -19,8 +20,10 @@
 pub mod check;
 pub mod checkpoint;
 pub mod cluster;
+
 pub mod config;
 pub mod dump;
+pub mod migration;
 pub mod publish;
 pub mod records;
 pub mod replica;

@@ -91,7 +91,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let handle = service::http::install_recorder(&["source_produce_latency_seconds"])?;
+                let handle = service::http::install_recorder(
+                    include_str!("../../docs/metrics.md"),
+                    "source_",
+                    &["source_produce_latency_seconds"],
+                )?;
                 let health = service::http::Health::default();
                 let addr = service::http::serve(config.metrics.listen, handle, health.clone()).await?;
                 tracing::info!(

@@ -4,6 +4,7 @@
 use crate::checkpoint;
 use crate::cluster;
 use crate::config::{Config, Endpoint};
+use crate::migration;
 use crate::publish::{self, Publisher};
 use crate::replica::{self, LinkError, Shared};
 use crate::sentinel::{self, Sentinels};
@@ -197,7 +198,7 @@ struct Follow {
     /// Set by the topology watcher when the shard's master changed: the session ends cleanly
     /// (what Kafka acknowledged is checkpointed) and the loop reconnects to the new master.
     relink: watch::Receiver<()>,
-    migrations: Arc<cluster::Migrations>,
+    migrations: Arc<migration::Migrations>,
     tls: crate::tls::TlsFiles,
     /// The slots the shard serves, as the watcher sees them.
     scope: watch::Receiver<Vec<(u16, u16)>>,
@@ -254,7 +255,7 @@ async fn run_cluster(
         imports,
     } = existing;
     let seeds = Arc::new(Mutex::new(node_endpoints(&seed, &masters)));
-    let migrations = Arc::new(cluster::Migrations::default());
+    let migrations = Arc::new(migration::Migrations::default());
     if !imports.is_empty() {
         tracing::info!(
             "{} key(s) imported by a shard during a slot migration are remembered from {}: deletes of them replayed by their old shard are MIGRATE's own and will be dropped",

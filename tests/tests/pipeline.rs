@@ -152,6 +152,24 @@ fn standalone_to_standalone_every_type() {
         stages_sum += metric("sink_stage_latency_seconds_sum", &[("stage", stage)]);
     }
     let total = metric("sink_end_to_end_seconds_sum", &[]);
+    // Each metric carries its docs/metrics.md meaning as its help text.
+    let (_, source_metrics) = p.source_connector.http_get("/metrics").unwrap();
+    for (text, help) in [
+        (
+            &metrics,
+            "# HELP sink_records_applied_total Records applied (barriers count once",
+        ),
+        (&metrics, "# HELP sink_end_to_end_seconds "),
+        (
+            &source_metrics,
+            "# HELP source_link_up 1 while the replica link is streaming",
+        ),
+    ] {
+        assert!(
+            text.contains(help),
+            "{help:?} missing from /metrics:\n{text}"
+        );
+    }
     assert!(records > 300.0, "{records} records timed");
     assert!(
         (stages_sum - total).abs() < 1e-6 * records,

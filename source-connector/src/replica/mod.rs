@@ -64,7 +64,7 @@ pub struct Shared {
     /// finds the shard's name again whatever slots it serves by then.
     pub nodes: Vec<String>,
     /// Keys that moved between the shards of a cluster source (ADR 0007).
-    pub migrations: Option<std::sync::Arc<crate::cluster::Migrations>>,
+    pub migrations: Option<std::sync::Arc<crate::migration::Migrations>>,
 }
 
 /// An error reply saying the master does not know a command (masters before 2.8 and PSYNC or

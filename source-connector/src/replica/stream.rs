@@ -85,7 +85,7 @@ pub(super) async fn stream(
             {
                 Some(migrations) => {
                     let before = migrations.order(&shard, &cmd.args, cmd.end_offset);
-                    if crate::cluster::Migrations::is_import(&cmd.args) {
+                    if crate::migration::Migrations::is_import(&cmd.args) {
                         // Published after the old owner's delete, and remembered in the
                         // checkpoint topic first (ADR 0007); imports that follow at once are
                         // written together.
