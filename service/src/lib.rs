@@ -2,6 +2,7 @@
 //! logging, the `/metrics` and `/health` HTTP endpoint, Kafka client settings, Redis endpoints
 //! and TLS, and shutdown.
 
+pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod endpoint;

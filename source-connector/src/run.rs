@@ -12,6 +12,7 @@ use metrics::{counter, gauge};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
+use service::backoff::Backoff;
 pub use service::kafka::partition_count;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -210,9 +211,10 @@ async fn topology(
     endpoint: &Endpoint,
 ) -> anyhow::Result<Option<Vec<cluster::Master>>> {
     let timeout = Duration::from_secs(ctx.config.redis.timeout_s);
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = link_backoff(&ctx.config);
     let mut shutdown = ctx.shutdown.clone();
     loop {
+        let wait = backoff.next_wait();
         let seed = endpoint.clone();
         let tls = ctx.config.redis.tls.clone();
         let answer =
@@ -224,16 +226,15 @@ async fn topology(
                 "source {}: cluster mode but no master serves slots yet; retrying",
                 endpoint.address()
             ),
-            Err(e) => tracing::error!("{e}; retrying in {backoff:?}"),
+            Err(e) => tracing::error!("{e}; retrying in {wait:?}"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
             return Ok(None);
         }
-        backoff = (backoff * 2).min(Duration::from_secs(ctx.config.redis.max_backoff_s.max(1)));
     }
 }
 
@@ -549,9 +550,8 @@ async fn shard_loop(
         migrations: follow.as_ref().map(|f| Arc::clone(&f.migrations)),
         nodes: Vec::new(),
     };
-    let max_backoff = Duration::from_secs(config.redis.max_backoff_s.max(1));
     let timeout = Duration::from_secs(config.redis.timeout_s);
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = link_backoff(&config);
     let sentinels = Sentinels::of(&config).filter(|_| follow.is_none());
     loop {
         let started = std::time::Instant::now();
@@ -594,35 +594,33 @@ async fn shard_loop(
             anyhow::bail!("{message}");
         }
         if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(250);
+            backoff.reset();
         }
-        let wait = backoff;
-        let jitter = Duration::from_millis(rand_ms(wait.as_millis() as u64 / 4 + 1));
-        tracing::error!(shard = %shard, "{e}; retrying in {:?}", wait + jitter);
+        let wait = backoff.next_wait();
+        tracing::error!(shard = %shard, "{e}; retrying in {wait:?}");
         tokio::select! {
-            _ = tokio::time::sleep(wait + jitter) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
             return Ok(());
         }
-        backoff = (backoff * 2).min(max_backoff);
     }
 }
 
 /// The master's endpoint from the Sentinels, asking again (with backoff) while none answers; an
 /// error when they answer but none knows the master's name.
 async fn sentinel_master(sentinels: &Sentinels, endpoint: &Endpoint) -> anyhow::Result<Endpoint> {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     loop {
         let (s, e) = (sentinels.clone(), endpoint.clone());
         match tokio::task::spawn_blocking(move || s.master_endpoint(&e)).await? {
             Ok(endpoint) => return Ok(endpoint),
             Err(e) if e.is_fatal() => anyhow::bail!("{e}"),
             Err(e) => {
-                tracing::warn!("{e}; asking again in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                let wait = backoff.next_wait();
+                tracing::warn!("{e}; asking again in {wait:?}");
+                tokio::time::sleep(wait).await;
             }
         }
     }
@@ -727,12 +725,10 @@ async fn session(
     result
 }
 
-fn rand_ms(max: u64) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0);
-    nanos % max.max(1)
+/// Reconnecting to the source: from 250 ms up to `redis.max_backoff_s`.
+fn link_backoff(config: &Config) -> Backoff {
+    let max = Duration::from_secs(config.redis.max_backoff_s.max(1));
+    Backoff::new(Duration::from_millis(250), max)
 }
 
 #[cfg(test)]

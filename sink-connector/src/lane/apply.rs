@@ -12,6 +12,7 @@ use metrics::{counter, gauge, histogram};
 use proto::Position;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::FutureRecord;
+use service::backoff::Backoff;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -58,14 +59,16 @@ impl Latency {
 #[derive(Debug)]
 pub(super) struct Stall {
     since: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl Stall {
-    pub(super) fn new(first: Duration) -> Stall {
+    /// Waits `first` after the first refusal, up to `apply.max_backoff_ms`.
+    pub(super) fn new(lane: &Lane, first: Duration) -> Stall {
+        let max = Duration::from_millis(lane.env.cfg.apply.max_backoff_ms);
         Stall {
             since: None,
-            backoff: first,
+            backoff: Backoff::new(first, max),
         }
     }
 
@@ -91,18 +94,14 @@ impl Stall {
             .increment(1);
         gauge!("sink_lane_stalled_seconds", "partition" => lane.label.clone())
             .set(since.elapsed().as_secs_f64());
-        let max = Duration::from_millis(lane.env.cfg.apply.max_backoff_ms);
-        if since.elapsed() > Duration::from_secs(10) && self.backoff >= max {
+        if since.elapsed() > Duration::from_secs(10) && self.backoff.capped() {
             tracing::warn!(
                 partition,
                 "still stalled after {:?}: {code} {message}",
                 since.elapsed()
             );
         }
-        let backoff = self.backoff;
-        self.backoff = (backoff * 2).min(max);
-        let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1);
-        let paused = lane.pause(backoff + Duration::from_millis(jitter)).await;
+        let paused = lane.pause(self.backoff.next_wait()).await;
         if paused.is_err() {
             self.clear(lane);
         }
@@ -279,7 +278,7 @@ impl Lane {
     /// …): the retry starts at the refused op and goes on one op at a time, so the writes after
     /// it that had run already run again once, never more (at least once, docs/semantics.md).
     pub(super) async fn apply(&mut self, ops: &[Op]) -> Result<(), ApplyFailure> {
-        let mut stall = Stall::new(Duration::from_millis(10));
+        let mut stall = Stall::new(self, Duration::from_millis(10));
         let keep = self.env.cfg.apply.snapshot_conflict == Conflict::Keep;
         // Ops before `from` are done; after an interruption they are sent one at a time.
         let mut from = 0;

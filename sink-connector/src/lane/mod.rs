@@ -183,7 +183,7 @@ impl Lane {
 
     /// Runs a non-transactional command, retrying transient errors.
     pub(super) async fn query(&mut self, args: &[Bytes]) -> Result<Value, Stop> {
-        let mut stall = Stall::new(Duration::from_millis(20));
+        let mut stall = Stall::new(self, Duration::from_millis(20));
         loop {
             match self.target.query(args).await {
                 Ok(v) => {

@@ -79,7 +79,7 @@ impl Lane {
     /// The target's keys with their db: of `db`, or of every db that holds keys (`None`),
     /// retrying transient errors.
     pub(super) async fn target_keys(&mut self, db: Option<u32>) -> Result<Vec<(u32, Bytes)>, Stop> {
-        let mut stall = Stall::new(Duration::from_millis(200));
+        let mut stall = Stall::new(self, Duration::from_millis(200));
         loop {
             match self.target.keys(db).await {
                 Ok(keys) => {
