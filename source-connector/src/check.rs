@@ -6,6 +6,7 @@ use crate::config::{Config, Endpoint};
 use service::check::{info_field, Report};
 use service::config::redact_url;
 use std::time::Duration;
+use wire::refusal::{Meaning, Refusal};
 
 pub fn check(config: &Config) -> anyhow::Result<()> {
     let mut report = Report::default();
@@ -79,7 +80,7 @@ fn check_redis(config: &Config, url: &str, report: &mut Report) -> Option<String
             .query(&mut conn);
         match replconf {
             Ok(()) => report.ok(format!("source: REPLCONF allowed (as {name})")),
-            Err(e) if e.code() == Some("ERR") && e.to_string().contains("unknown command") => {
+            Err(e) if refusal(&e).is_some_and(|r| r.meaning() == Meaning::UnknownCommand) => {
                 report.fail(format!(
                     "source {url}: the master knows no command {name:?} ({e}); if it renames REPLCONF, set redis.rename_commands.REPLCONF to that name"
                 ))
@@ -387,6 +388,14 @@ fn resume_outlook(c: &checkpoint::Checkpoint, info: &str, report: &mut Report) {
             }
         ));
     }
+}
+
+/// A Redis client error as the server's refusal, when it is one.
+fn refusal(e: &redis::RedisError) -> Option<Refusal> {
+    Some(Refusal {
+        code: e.code()?.to_owned(),
+        message: e.detail().unwrap_or_default().to_owned(),
+    })
 }
 
 #[cfg(test)]

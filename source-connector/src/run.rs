@@ -6,7 +6,7 @@ use crate::cluster;
 use crate::config::{Config, Endpoint};
 use crate::migration;
 use crate::publish::{self, Publisher};
-use crate::replica::{self, LinkError, Shared};
+use crate::replica::{self, LinkError, Next, Shared};
 use crate::sentinel::{self, Sentinels};
 use metrics::{counter, gauge};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -580,18 +580,18 @@ async fn shard_loop(
             Ok(()) => continue,
             Err(e) => e,
         };
-        let reason = match &e {
-            LinkError::Transient(_) => "transient",
-            LinkError::Fatal(_) => "fatal",
-            LinkError::Done(message) => {
-                tracing::info!(shard = %shard, "{message}");
+        let reason = match e.next() {
+            Next::Reconnect => "transient",
+            Next::Exit => "fatal",
+            Next::Finish => {
+                tracing::info!(shard = %shard, "{e}");
                 return Ok(());
             }
         };
         counter!("source_link_errors_total", "shard" => shard.clone(), "kind" => reason)
             .increment(1);
-        if let LinkError::Fatal(message) = e {
-            anyhow::bail!("{message}");
+        if e.next() == Next::Exit {
+            anyhow::bail!("{e}");
         }
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
@@ -717,8 +717,10 @@ async fn session(
     // The process is about to stop: deliver what was published before the end (dropping the
     // producer would purge it). A transient error starts a new session, which republishes from
     // the checkpoint instead.
-    let stopping =
-        *shutdown.borrow() || matches!(result, Err(LinkError::Fatal(_) | LinkError::Done(_)));
+    let stopping = *shutdown.borrow()
+        || result
+            .as_ref()
+            .is_err_and(|e| matches!(e.next(), Next::Exit | Next::Finish));
     if stopping {
         let _ = rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10));
     }

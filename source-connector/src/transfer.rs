@@ -3,6 +3,8 @@
 //! parsers over buffered bytes: each returns what it read and how many bytes that took, or `None`
 //! when more input is needed.
 
+use wire::refusal::Refusal;
+
 /// Length of the random end mark of a diskless transfer (`RDB_EOF_MARK_SIZE`).
 pub const EOF_MARK_LEN: usize = 40;
 
@@ -12,8 +14,8 @@ pub enum PsyncReply {
     FullResync { replid: String, offset: u64 },
     /// `+CONTINUE [<new replid>]`: partial resync accepted.
     Continue { new_replid: Option<String> },
-    /// An error line (`-LOADING`, `-NOMASTERLINK`, `-NOAUTH`, `-NOPERM` ...): its code and text.
-    Error { code: String, message: String },
+    /// An error line (`-LOADING`, `-NOMASTERLINK`, `-NOAUTH`, `-NOPERM` ...).
+    Refused(Refusal),
     /// The RDB header straight away, with no position: the master served the request as `SYNC`.
     /// Open-source Redis does that when `PSYNC` is renamed (`syncCommand` tries a partial resync
     /// only for a command literally named "psync"). The header is left in the buffer.
@@ -28,8 +30,14 @@ pub enum RdbFraming {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("sync reply: {0}")]
-pub struct Error(pub String);
+pub enum Error {
+    /// Not what the protocol allows here.
+    #[error("sync reply: {0}")]
+    Malformed(String),
+    /// An error line where the RDB should begin (`-ERR unknown command 'SYNC'`, …).
+    #[error("master error instead of RDB: {0}")]
+    Refused(Refusal),
+}
 
 /// Skips keep-alive newlines; returns how many there were.
 pub fn skip_newlines(buf: &[u8]) -> usize {
@@ -39,12 +47,12 @@ pub fn skip_newlines(buf: &[u8]) -> usize {
 fn line(buf: &[u8]) -> Result<Option<(&str, usize)>, Error> {
     let Some(i) = buf.iter().position(|&b| b == b'\n') else {
         if buf.len() > 1024 {
-            return Err(Error("reply line longer than 1024 bytes".into()));
+            return Err(Error::Malformed("reply line longer than 1024 bytes".into()));
         }
         return Ok(None);
     };
-    let text =
-        std::str::from_utf8(&buf[..i]).map_err(|_| Error("reply line is not text".into()))?;
+    let text = std::str::from_utf8(&buf[..i])
+        .map_err(|_| Error::Malformed("reply line is not text".into()))?;
     Ok(Some((text.trim_end_matches('\r'), i + 1)))
 }
 
@@ -61,11 +69,11 @@ pub fn psync_reply(buf: &[u8]) -> Result<Option<(PsyncReply, usize)>, Error> {
             let replid = words
                 .next()
                 .filter(|r| r.len() == 40)
-                .ok_or_else(|| Error(format!("bad FULLRESYNC line {text:?}")))?;
+                .ok_or_else(|| Error::Malformed(format!("bad FULLRESYNC line {text:?}")))?;
             let offset = words
                 .next()
                 .and_then(|o| o.parse().ok())
-                .ok_or_else(|| Error(format!("bad FULLRESYNC line {text:?}")))?;
+                .ok_or_else(|| Error::Malformed(format!("bad FULLRESYNC line {text:?}")))?;
             PsyncReply::FullResync {
                 replid: replid.to_owned(),
                 offset,
@@ -74,13 +82,10 @@ pub fn psync_reply(buf: &[u8]) -> Result<Option<(PsyncReply, usize)>, Error> {
         "+CONTINUE" => PsyncReply::Continue {
             new_replid: words.next().filter(|r| !r.is_empty()).map(str::to_owned),
         },
-        w if w.starts_with('-') => PsyncReply::Error {
-            code: w[1..].to_owned(),
-            message: text[1..].to_owned(),
-        },
+        w if w.starts_with('-') => PsyncReply::Refused(Refusal::parse(&text[1..])),
         w if w.starts_with('$') => return Ok(Some((PsyncReply::Sync, skip))),
         _ => {
-            return Err(Error(format!(
+            return Err(Error::Malformed(format!(
                 "unexpected reply to PSYNC: {:?}",
                 text.chars().take(80).collect::<String>()
             )))
@@ -97,7 +102,7 @@ pub fn rdb_framing(buf: &[u8]) -> Result<Option<(RdbFraming, usize)>, Error> {
     };
     let framing = if let Some(mark) = text.strip_prefix("$EOF:") {
         if mark.len() != EOF_MARK_LEN {
-            return Err(Error(format!(
+            return Err(Error::Malformed(format!(
                 "EOF mark of {} bytes, expected {EOF_MARK_LEN}",
                 mark.len()
             )));
@@ -106,12 +111,12 @@ pub fn rdb_framing(buf: &[u8]) -> Result<Option<(RdbFraming, usize)>, Error> {
     } else if let Some(len) = text.strip_prefix('$') {
         RdbFraming::Length(
             len.parse()
-                .map_err(|_| Error(format!("bad RDB length {text:?}")))?,
+                .map_err(|_| Error::Malformed(format!("bad RDB length {text:?}")))?,
         )
     } else if let Some(err) = text.strip_prefix('-') {
-        return Err(Error(format!("master error instead of RDB: {err}")));
+        return Err(Error::Refused(Refusal::parse(err)));
     } else {
-        return Err(Error(format!(
+        return Err(Error::Malformed(format!(
             "expected $<len> or $EOF:<mark>, got {:?}",
             text.chars().take(80).collect::<String>()
         )));
@@ -150,7 +155,7 @@ mod tests {
             PsyncReply::Continue { new_replid: None }
         );
         assert!(
-            matches!(psync_reply(b"-NOMASTERLINK Can't SYNC\r\n").unwrap().unwrap().0, PsyncReply::Error { code, .. } if code == "NOMASTERLINK")
+            matches!(psync_reply(b"-NOMASTERLINK Can't SYNC\r\n").unwrap().unwrap().0, PsyncReply::Refused(r) if r.code == "NOMASTERLINK")
         );
         assert_eq!(psync_reply(b"+FULLRES").unwrap(), None);
         assert!(psync_reply(b"HTTP/1.1 400\r\n").is_err());

@@ -6,4 +6,5 @@
 pub mod commands;
 pub mod merge;
 pub mod rdb;
+pub mod refusal;
 pub mod resp;

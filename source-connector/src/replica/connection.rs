@@ -6,6 +6,7 @@ use crate::transfer;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use wire::refusal::Refusal;
 
 pub(super) type Reader = Box<dyn AsyncRead + Unpin + Send>;
 
@@ -137,21 +138,11 @@ impl Conn {
         self.send(args).await?;
         let line = self.reply_line().await?;
         if let Some(err) = line.strip_prefix('-') {
-            let code = err.split(' ').next().unwrap_or_default();
-            let message = format!("source {}: {what} refused: {err}", self.address);
-            return Err(match code {
-                "NOAUTH" | "WRONGPASS" | "NOPERM" | "ERR" if is_auth_problem(err) => {
-                    LinkError::Fatal(message)
-                }
-                "NOAUTH" | "WRONGPASS" | "NOPERM" => LinkError::Fatal(message),
-                _ => LinkError::Transient(message),
+            return Err(LinkError::Refused {
+                context: format!("source {}: {what}", self.address),
+                refusal: Refusal::parse(err),
             });
         }
         Ok(line)
     }
-}
-
-fn is_auth_problem(err: &str) -> bool {
-    let e = err.to_ascii_lowercase();
-    e.contains("password") || e.contains("auth") || e.contains("permission")
 }

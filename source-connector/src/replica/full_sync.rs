@@ -65,7 +65,7 @@ pub(super) async fn full_sync(
                 conn.fill(Duration::from_secs(cfg.redis.repl_timeout_s))
                     .await?;
             }
-            Err(e) => return Err(LinkError::Transient(format!("source {address}: {e}"))),
+            Err(e) => return Err(LinkError::sync_reply(&address, e)),
         }
     };
     let (total, mark) = match &framing {

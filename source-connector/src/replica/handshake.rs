@@ -2,9 +2,10 @@
 //! the checkpoint's position (or what stands for it on masters that lack some of them).
 
 use super::connection::Conn;
-use super::{is_unknown_command, LinkError, Shared};
+use super::{LinkError, Shared};
 use crate::checkpoint::Checkpoint;
 use crate::transfer::{self, PsyncReply};
+use wire::refusal::Refusal;
 
 /// What the handshake settled.
 pub(super) struct Handshake {
@@ -60,8 +61,8 @@ pub(super) async fn run(conn: &mut Conn, shared: &Shared) -> Result<Handshake, L
         match conn.command(what, &args).await {
             Ok(_) => {}
             // Masters before 2.8 have no REPLCONF: SYNC follows.
-            Err(LinkError::Transient(m)) if is_unknown_command(&m) => {
-                tracing::warn!(shard = %shard, "{m}: a master before 2.8, or REPLCONF renamed there (redis.rename_commands)");
+            Err(e) if e.unknown_command() => {
+                tracing::warn!(shard = %shard, "{e}: a master before 2.8, or REPLCONF renamed there (redis.rename_commands)");
                 acks = false;
             }
             Err(e) => return Err(e),
@@ -82,15 +83,15 @@ pub(super) async fn run(conn: &mut Conn, shared: &Shared) -> Result<Handshake, L
                     Ok(None) => {
                         conn.fill(timeout).await?;
                     }
-                    Err(e) => return Err(LinkError::Transient(format!("source {address}: {e}"))),
+                    Err(e) => return Err(LinkError::sync_reply(&address, e)),
                 }
             }
         }
         // PSYNC disabled on the master: SYNC it is.
-        None => PsyncReply::Error {
+        None => PsyncReply::Refused(Refusal {
             code: "ERR".into(),
             message: "unknown command 'PSYNC' (disabled in redis.rename_commands)".into(),
-        },
+        }),
     };
 
     Ok(Handshake {

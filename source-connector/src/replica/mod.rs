@@ -14,6 +14,7 @@ use crate::transfer::PsyncReply;
 use metrics::{counter, gauge};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use wire::refusal::{Meaning, Refusal};
 
 mod connection;
 mod full_sync;
@@ -25,18 +26,65 @@ use full_sync::full_sync;
 use handshake::Handshake;
 use stream::stream;
 
-/// Why a session ended.
+/// Why a session ended. What to do next is on the type: [`LinkError::next`].
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    /// Worth retrying after a pause (connection refused or lost, `-LOADING`, a Kafka failure).
+    /// Worth retrying after a pause (connection refused or lost, a broken transfer, a Kafka
+    /// failure).
     #[error("{0}")]
     Transient(String),
-    /// Retrying cannot help until an operator acts (authentication, permissions).
+    /// Retrying cannot help until an operator acts (a TLS certificate nobody trusts, a record
+    /// too big for the topic, no name for the replication commands).
     #[error("{0}")]
     Fatal(String),
+    /// The master refused a command (`context` names it and the master): retried unless it
+    /// refuses this client ([`Meaning::Authentication`]).
+    #[error("{context} refused: {refusal}")]
+    Refused { context: String, refusal: Refusal },
     /// Nothing left to do: `sync.mode = "full"` and the snapshot is in Kafka.
     #[error("{0}")]
     Done(String),
+}
+
+/// What the shard's loop does after a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Connect again after a backoff.
+    Reconnect,
+    /// Stop the connector with the error.
+    Exit,
+    /// Stop the shard's loop: its work is done.
+    Finish,
+}
+
+impl LinkError {
+    pub fn next(&self) -> Next {
+        match self {
+            LinkError::Transient(_) => Next::Reconnect,
+            LinkError::Refused { refusal, .. } => match refusal.meaning() {
+                Meaning::Authentication => Next::Exit,
+                Meaning::UnknownCommand | Meaning::Other => Next::Reconnect,
+            },
+            LinkError::Fatal(_) => Next::Exit,
+            LinkError::Done(_) => Next::Finish,
+        }
+    }
+
+    /// A sync reply that is malformed, or an error line (`what` was refused).
+    pub(super) fn sync_reply(address: &str, e: crate::transfer::Error) -> LinkError {
+        match e {
+            crate::transfer::Error::Refused(refusal) => LinkError::Refused {
+                context: format!("source {address}: the sync"),
+                refusal,
+            },
+            malformed => LinkError::Transient(format!("source {address}: {malformed}")),
+        }
+    }
+
+    /// Whether the master said it does not know the command under the name it was sent by.
+    pub(super) fn unknown_command(&self) -> bool {
+        matches!(self, LinkError::Refused { refusal, .. } if refusal.meaning() == Meaning::UnknownCommand)
+    }
 }
 
 impl From<PublishError> for LinkError {
@@ -65,12 +113,6 @@ pub struct Shared {
     pub nodes: Vec<String>,
     /// Keys that moved between the shards of a cluster source (ADR 0007).
     pub migrations: Option<std::sync::Arc<crate::migration::Migrations>>,
-}
-
-/// An error reply saying the master does not know a command (masters before 2.8 and PSYNC or
-/// REPLCONF).
-pub(super) fn is_unknown_command(message: &str) -> bool {
-    message.to_ascii_lowercase().contains("unknown command")
 }
 
 /// `sync.mode = "full"`: the snapshot is in Kafka, the connector's work is done.
@@ -161,7 +203,8 @@ pub async fn session(
             snapshot_only_done(&cfg, epoch, &builder)?;
             (builder, String::new(), offset)
         }
-        PsyncReply::Error { message, .. } if is_unknown_command(&message) => {
+        PsyncReply::Refused(refusal) if refusal.meaning() == Meaning::UnknownCommand => {
+            let message = refusal.to_string();
             let Some(sync) = sync else {
                 return Err(LinkError::Fatal(format!(
                     "source {address}: the master does not know PSYNC as {:?} ({message}) and SYNC is disabled (redis.rename_commands): set redis.rename_commands.PSYNC to the name the master's rename-command gives it",
@@ -176,9 +219,9 @@ pub async fn session(
             conn.send(&[sync.as_bytes()]).await?;
             let (builder, offset) =
                 match full_sync(&mut conn, shared, publisher, "", 0, epoch, shutdown).await {
-                    Err(LinkError::Transient(m)) if is_unknown_command(&m) => {
+                    Err(e) if e.unknown_command() => {
                         return Err(LinkError::Fatal(format!(
-                            "{m}: the master knows neither PSYNC as {:?} nor SYNC as {sync:?}; set redis.rename_commands to the names its rename-command gives them",
+                            "{e}: the master knows neither PSYNC as {:?} nor SYNC as {sync:?}; set redis.rename_commands to the names its rename-command gives them",
                             psync.unwrap_or_default()
                         )))
                     }
@@ -187,12 +230,9 @@ pub async fn session(
             snapshot_only_done(&cfg, epoch, &builder)?;
             (builder, String::new(), offset)
         }
-        PsyncReply::Error { code, message } => {
-            let message = format!("source {address}: PSYNC refused: {message}");
-            return Err(match code.as_str() {
-                "NOAUTH" | "WRONGPASS" | "NOPERM" => LinkError::Fatal(message),
-                _ => LinkError::Transient(message),
-            });
+        PsyncReply::Refused(refusal) => {
+            let context = format!("source {address}: {}", psync.unwrap_or_default());
+            return Err(LinkError::Refused { context, refusal });
         }
     };
     gauge!("source_link_up", "shard" => shard.clone()).set(1.0);
