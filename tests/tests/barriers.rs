@@ -178,3 +178,76 @@ fn a_target_restarted_empty_while_a_follower_waits_at_a_barrier() {
         sink.log()
     );
 }
+
+/// A barrier's epoch cut short where the leader has its copy and goes on past it in the same
+/// epoch: Kafka purged the copy for partition 1 in flight, the other partitions' records after
+/// it were delivered, and the next sync was a full resync. The leader gives the barrier up once
+/// partition 1 is in the new epoch; the followers then see the leader past the barrier while
+/// their own checkpoint is not. On a cluster target that looked like a barrier applied before a
+/// master lost writes, and the followers halted (the 30-minute cluster campaign, seed 1207):
+/// they must give it up too, as the leader did.
+#[test]
+fn followers_give_up_a_barrier_the_leader_gave_up_and_went_past_on_a_cluster_target() {
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let topic = random_topic("abandoned-past");
+    broker.create_topic(&topic, 4).unwrap();
+    let produce = |partition: i32, bytes: Vec<u8>| {
+        broker.produce_record(&topic, partition, &bytes).unwrap();
+    };
+    for p in 0..4 {
+        produce(p, record(1, 10 + p as u64, set(&format!("e1:{p}"))));
+    }
+    // Every partition but 1 got the barrier's copy; the leader (0) has a record after it.
+    for p in [0, 2, 3] {
+        produce(p, record(1, 100, barrier(&[0, 1, 2, 3], "given-up")));
+    }
+    produce(0, record(1, 150, set("after-the-barrier")));
+    // The full resync: partition 1 first, then the followers (the leader's partition has
+    // nothing newer, so its checkpoint stays past the barrier in epoch 1).
+    for p in [1, 2, 3] {
+        produce(p, record(2, 1000 + p as u64, set(&format!("e2:{p}"))));
+    }
+
+    let target = harness::cluster::RedisCluster::start(
+        3,
+        0,
+        RedisConfig::default().with("maxmemory-policy", "noeviction"),
+    )
+    .unwrap();
+    let config = sink_config(
+        &target.nodes()[0].url(),
+        &broker.bootstrap(),
+        &topic,
+        &Options::default(),
+    );
+    let sink = Connector::start(Kind::Sink, &config, &[]).unwrap();
+    let mut client = target.client();
+    let mut get = |key: &str| match client.exec(&[b"GET", key.as_bytes()]) {
+        redis::Value::BulkString(v) => Some(v),
+        _ => None,
+    };
+    harness::wait_for(
+        "every follower to reach epoch 2",
+        Duration::from_secs(60),
+        || {
+            let all = ["e2:1", "e2:2", "e2:3", "after-the-barrier"]
+                .iter()
+                .all(|k| get(k).is_some());
+            all.then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", sink.log()));
+    assert_eq!(get("given-up"), None, "the given-up barrier was applied");
+    assert_eq!(
+        sink.metric("sink_lane_halted", &[]),
+        Some(0.0),
+        "{}",
+        sink.log()
+    );
+    assert_eq!(
+        sink.metric("sink_barriers_abandoned_total", &[]),
+        Some(3.0),
+        "the leader and both followers give it up:\n{}",
+        sink.log()
+    );
+}

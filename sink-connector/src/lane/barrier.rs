@@ -103,6 +103,16 @@ impl Lane {
                     // is taken for a lost checkpoint.
                     let since = *past_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= BARRIER_PAST_GRACE {
+                        // The leader also goes past a barrier it gave up because an involved
+                        // partition is in a newer epoch: this lane gives it up too.
+                        if let Some((q, newer)) =
+                            self.newer_epoch(&partitions, shard, position).await?
+                        {
+                            let why = format!(
+                                "the leading partition {leader} went past it and partition {q} is already at {newer}"
+                            );
+                            return self.abandon_barrier(shard, position, message, &why).await;
+                        }
                         let why = format!(
                             "the leading partition {leader} is at {p}, for {:?}",
                             since.elapsed()
@@ -372,6 +382,25 @@ impl Lane {
         gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(0.0);
         self.checkpoint_only(shard, position, message.offset())
             .await
+    }
+
+    /// An involved partition other than this one whose checkpoint holds `shard` in an epoch
+    /// after `position`'s, and that position (the checkpoint db must be selected).
+    async fn newer_epoch(
+        &mut self,
+        partitions: &[i32],
+        shard: &str,
+        position: Position,
+    ) -> Result<Option<(i32, Position)>, Stop> {
+        let me = self.partition;
+        for &q in partitions.iter().filter(|&&q| q != me) {
+            let key = checkpoint_key(&self.env.cfg, &self.env.topic, q);
+            let held = self.stored_position(key, shard).await?;
+            if let Some(p) = held.filter(|p| p.epoch > position.epoch) {
+                return Ok(Some((q, p)));
+            }
+        }
+        Ok(None)
     }
 
     /// A barrier some involved partition will never reach: the source connector stopped while
