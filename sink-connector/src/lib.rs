@@ -3,7 +3,8 @@
 //! - [`config`]: the TOML/environment configuration;
 //! - [`convert`]: what a record means as Redis commands (RESTORE, or rebuilt values);
 //! - [`filter`]: key, db and command filters, and the rate limit;
-//! - [`target`]: the target connection, `MULTI/EXEC` batches and error classification;
+//! - [`target`]: the target connection, `MULTI/EXEC` batches (`write`), cluster routing
+//!   (`routed`), the key scan (`keys`) and error classification (`error`);
 //! - [`cluster`]: routing writes and checkpoints on a Redis Cluster target;
 //! - [`lane`]: one ordered lane per partition, checkpoints in the target, barriers;
 //! - [`run`]: the consumer group and rebalances;
