@@ -13,7 +13,8 @@
 //! - [`cluster`]: the masters of a cluster source, found again after failovers;
 //! - [`migration`]: keys moving between the shards of a cluster source (ADR 0007);
 //! - [`sentinel`]: the master of a source behind Redis Sentinel, followed across failovers;
-//! - [`run`]: topic preparation, one reconnect loop per source shard.
+//! - [`run`]: topic preparation, one reconnect loop per source shard (cluster and Sentinel
+//!   sources in their own parts).
 //!
 //! `resp`, `rdb`, `commands` and `records` do no I/O: bytes in, values out.
 
