@@ -1,5 +1,5 @@
 # Command index. Each target is one line so it reads as a list of what you can do.
-.PHONY: env build test e2e bench bench-pipeline fuzz soak campaign reliability lint fmt schema run
+.PHONY: env build test e2e bench bench-pipeline bench-mixed fuzz soak campaign reliability lint fmt schema run
 
 env:    ## install redis-server and the test broker (idempotent)
 	scripts/dev-env.sh
@@ -13,6 +13,8 @@ bench:  ## decoder benchmark script (figures go to docs/benchmarks.md)
 	scripts/bench-rdb.sh
 bench-pipeline: ## snapshot and apply against a native replica and redis-benchmark
 	scripts/bench-pipeline.sh
+bench-mixed: ## a mixed dataset and write bursts, timed until the target holds them, beside a native replica
+	scripts/bench-mixed.sh
 soak:   ## 10 minutes of mixed workload with random faults, then an exact comparison
 	scripts/soak.sh 10
 campaign: ## 30 minutes of randomized overlapping faults with a history checker (SEED=... to replay, TARGET=cluster)
