@@ -3,6 +3,19 @@
 
 use std::process::Command;
 
+/// `machine: N cores, redis-server <version>`: the first line of every benchmark's output.
+pub fn machine() -> anyhow::Result<String> {
+    let version = Command::new(crate::redis::server_bin())
+        .arg("--version")
+        .output()?
+        .stdout;
+    Ok(format!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        String::from_utf8_lossy(&version).trim()
+    ))
+}
+
 /// A memory field of `/proc/PID/status` (`VmRSS`, `VmHWM`, …), in kB; `None` once the process is
 /// gone.
 pub fn status_kb(pid: u32, field: &str) -> Option<u64> {

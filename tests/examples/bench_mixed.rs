@@ -33,17 +33,7 @@ fn main() -> anyhow::Result<()> {
         .get(2)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
-    println!(
-        "machine: {} cores, {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        String::from_utf8_lossy(
-            &Command::new(harness::redis::server_bin())
-                .arg("--version")
-                .output()?
-                .stdout
-        )
-        .trim()
-    );
+    println!("{}", harness::bench::machine()?);
 
     let source = RedisServer::start(RedisConfig::default().with("enable-debug-command", "yes"))?;
     let keys = populate(&source, scale)?;

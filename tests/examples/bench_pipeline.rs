@@ -16,7 +16,6 @@ use harness::broker::{random_topic, Broker, Storage};
 use harness::connector::{Connector, Kind};
 use harness::pipeline::{sink_config, Options};
 use harness::redis::{RedisConfig, RedisServer};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn info_u64(r: &RedisServer, section: &str, field: &str) -> u64 {
@@ -32,17 +31,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     let sets: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(500_000);
-    println!(
-        "machine: {} cores, redis-server {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        String::from_utf8_lossy(
-            &Command::new(harness::redis::server_bin())
-                .arg("--version")
-                .output()?
-                .stdout
-        )
-        .trim()
-    );
+    println!("{}", harness::bench::machine()?);
 
     // ---- 1. snapshot ----
     let source = RedisServer::start(RedisConfig::default().with("enable-debug-command", "yes"))?;
