@@ -696,3 +696,102 @@ fn assert_no_slot_taken_for_lost(sink: &Connector) {
     );
     assert_eq!(sink.metric("sink_lane_halted", &[]), Some(0.0));
 }
+
+/// A cross-slot command is emulated on a cluster target: its keys copied to one slot, the
+/// command run there, the results copied back (ADR 0008). The target refusing a copy back for
+/// now (here OOM on the destination's master; in the 30-minute cluster campaign, seed 1207, a
+/// `MOVED` during a failover) made the lane start the command over: it found its source key moved
+/// already, `ERR no such key`, and halted. The command has run by then: the copy is retried in
+/// place until the master takes it.
+#[test]
+fn an_emulated_command_refused_while_copying_back_finishes_once_the_target_takes_it() {
+    let target = RedisCluster::start(3, 0, target_config()).unwrap();
+    let master_of = |key: &str| {
+        target
+            .master_of_slot(proto::key_slot(key.as_bytes()).get())
+            .unwrap()
+            .port()
+    };
+    let tmp_master = master_of("redis-repl-tmp");
+    // Two partitions, so that their checkpoints (barrier arrivals, the barrier's own checkpoint
+    // writes) can all live off one master that does not hold the temporary keys either: that one
+    // is made full. (Four partitions' checkpoint names, which differ in their last character
+    // only, always land on all three masters.)
+    let options = Options {
+        partitions: 2,
+        ..Options::default()
+    };
+    let (topic, full) = (0..1000)
+        .find_map(|_| {
+            let topic = random_topic("emulated");
+            let used: Vec<u16> = (0..options.partitions)
+                .map(|p| master_of(&format!("{}:{topic}:{p}", pipeline::CHECKPOINT_PREFIX)))
+                .collect();
+            let full = target
+                .masters()
+                .iter()
+                .map(|m| m.port())
+                .find(|p| *p != tmp_master && !used.contains(p))?;
+            Some((topic, full))
+        })
+        .expect("a topic with no partition checkpoint on some master");
+    let key_on = |port: u16, name: &str| {
+        (0..)
+            .map(|i| format!("{name}:{i}"))
+            .find(|k| master_of(k) == port)
+            .unwrap()
+    };
+    let src = key_on(tmp_master, "src");
+    let dst = key_on(full, "dst");
+
+    let source = RedisServer::start(RedisConfig::default()).unwrap();
+    let broker = Broker::start(Storage::Memory).unwrap();
+    let _source_connector = Connector::start(
+        Kind::Source,
+        &pipeline::source_config(&source.url(), &broker.bootstrap(), &topic, &options),
+        &[],
+    )
+    .unwrap();
+    let sink =
+        Connector::start(Kind::Sink, &sink_config_into(&target, &broker, &topic), &[]).unwrap();
+    let mut client = target.client();
+    let mut get = |key: &str| match client.exec(&[b"GET", key.as_bytes()]) {
+        redis::Value::BulkString(v) => Some(String::from_utf8(v).unwrap()),
+        _ => None,
+    };
+    source.cmd::<()>(&["SET", &src, "moved"]).unwrap();
+    harness::wait_for("the SET to be applied", Duration::from_secs(60), || {
+        get(&src)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sink.log()));
+
+    let full_master = target.node(full).unwrap();
+    full_master
+        .cmd::<()>(&["CONFIG", "SET", "maxmemory", "1"])
+        .unwrap();
+    source.cmd::<()>(&["RENAME", &src, &dst]).unwrap();
+    harness::wait_for(
+        "the copy back to be refused for now",
+        Duration::from_secs(60),
+        || {
+            sink.metric("sink_emulation_retries_total", &[])
+                .filter(|n| *n > 0.0)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", sink.log()));
+    full_master
+        .cmd::<()>(&["CONFIG", "SET", "maxmemory", "0"])
+        .unwrap();
+    harness::wait_for("the RENAME to be applied", Duration::from_secs(60), || {
+        get(&dst)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sink.log()));
+    assert_eq!(get(&dst).as_deref(), Some("moved"));
+    assert_eq!(get(&src), None, "the RENAME's source key is still there");
+    assert_eq!(
+        sink.metric("sink_lane_halted", &[]),
+        Some(0.0),
+        "{}",
+        sink.log()
+    );
+}

@@ -5,8 +5,11 @@ use super::error::{cross_slot, is_transient, server_error};
 use super::{command, ApplyError, Op, Target};
 use crate::cluster::{self, Routing};
 use bytes::Bytes;
+use metrics::counter;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
+use service::backoff::Backoff;
+use std::time::{Duration, Instant};
 
 impl Target {
     /// Reads the slot map (`CLUSTER SLOTS`) from the seed node. A proxy's one endpoint serves
@@ -297,33 +300,86 @@ impl Target {
             rewritten[i] = tmp(&args[i]);
         }
         let result = self.one(&mut tmp_conn, &rewritten).await?;
-        // Copy out.
+        // Copy out. The command has run: from here on the copies must be finished, whatever the
+        // cluster does meanwhile. Started over, it would find its keys moved already (a RENAME's
+        // source gone: `ERR no such key`). So a refusal for now (OOM on a key's master, MOVED
+        // during a failover …) is retried here, in place, until it succeeds. Every key is
+        // written back from its temporary copy before any copy is deleted, so a step retried
+        // after a lost reply does the same again.
+        let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
         for k in &keys {
-            let (dump, ttl) = self.dump(&mut tmp_conn, &tmp(k)).await?;
-            let mut conn = self.slot_conn(proto::key_slot(k).get()).await?;
-            match dump {
-                Some(dump) => {
-                    self.checked(
-                        &mut conn,
-                        &[
-                            cluster::b("RESTORE"),
-                            k.clone(),
-                            Bytes::from(ttl.to_string()),
-                            dump,
-                            cluster::b("REPLACE"),
-                        ],
-                    )
-                    .await?
-                }
-                None => {
-                    self.checked(&mut conn, &[cluster::b("DEL"), k.clone()])
-                        .await?
-                }
+            let back = CopyStep::Back {
+                key: k.clone(),
+                tmp: tmp(k),
             };
-            self.checked(&mut tmp_conn, &[cluster::b("DEL"), tmp(k)])
+            self.until_done(&name, &back, tmp_slot).await?;
+        }
+        for k in &keys {
+            self.until_done(&name, &CopyStep::DropTmp(tmp(k)), tmp_slot)
                 .await?;
         }
         Ok(result)
+    }
+
+    /// One step of copying an emulated command's results back. Doing it again does the same.
+    async fn copy_step(&mut self, step: &CopyStep, tmp_slot: u16) -> Result<(), ApplyError> {
+        let mut tmp_conn = self.slot_conn(tmp_slot).await?;
+        let (key, write) = match step {
+            CopyStep::Back { key, tmp } => {
+                let (dump, ttl) = self.dump(&mut tmp_conn, tmp).await?;
+                let write = match dump {
+                    Some(dump) => vec![
+                        cluster::b("RESTORE"),
+                        key.clone(),
+                        Bytes::from(ttl.to_string()),
+                        dump,
+                        cluster::b("REPLACE"),
+                    ],
+                    None => vec![cluster::b("DEL"), key.clone()],
+                };
+                (key, write)
+            }
+            CopyStep::DropTmp(tmp) => (tmp, vec![cluster::b("DEL"), tmp.clone()]),
+        };
+        let mut conn = self.slot_conn(proto::key_slot(key).get()).await?;
+        self.checked(&mut conn, &write).await.map(|_| ())
+    }
+
+    /// Runs `step` until it succeeds or fails for good, retrying refusals for now with backoff
+    /// (counted in `sink_emulation_retries_total`, a warning when they begin and an info line
+    /// when they end).
+    async fn until_done(
+        &mut self,
+        command: &str,
+        step: &CopyStep,
+        tmp_slot: u16,
+    ) -> Result<(), ApplyError> {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+        let mut since: Option<Instant> = None;
+        loop {
+            match self.copy_step(step, tmp_slot).await {
+                Ok(()) => {
+                    if let Some(since) = since {
+                        tracing::info!(
+                            "the emulated {command} finished after {:?}",
+                            since.elapsed()
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(ApplyError::Transient { code, message }) => {
+                    if since.is_none() {
+                        tracing::warn!(
+                            "the target refused copying back the result of an emulated {command} ({code} {message}): the command ran, so the copy is retried until it succeeds"
+                        );
+                        since = Some(Instant::now());
+                    }
+                    counter!("sink_emulation_retries_total", "code" => code).increment(1);
+                    tokio::time::sleep(backoff.next_wait()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `DUMP` and remaining TTL in ms (0: none) of a key; `None` when it does not exist.
@@ -365,4 +421,12 @@ impl Target {
             None => Ok(v),
         }
     }
+}
+
+/// A step of copying an emulated command's results back ([`Target::emulate`]).
+pub(super) enum CopyStep {
+    /// `key` written from its temporary copy `tmp` (deleted where the copy is gone).
+    Back { key: Bytes, tmp: Bytes },
+    /// A temporary copy deleted.
+    DropTmp(Bytes),
 }
