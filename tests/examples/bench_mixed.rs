@@ -6,9 +6,12 @@
 //!    then the pipeline's: from the start of `source-connector run` until every lane's
 //!    `sink_caught_up_repl_offset` reaches the source's `master_repl_offset`, i.e. the target
 //!    holds the snapshot.
-//! 2. Incremental: a burst of SETs (`redis-benchmark -t set -P 16 -c 50 -d 100`) into the source
-//!    with the native replica still attached; each side is timed from the burst's start until it
-//!    holds the burst's last offset (the replica's offset; every lane's caught-up offset).
+//! 2. Incremental: a burst of SETs (`redis-benchmark -t set -P 16 -c 50 -d 100`) into the source,
+//!    twice: once with the connectors stopped, timed until the native replica holds its last
+//!    offset; once, the pipeline caught up again, timed until every lane's caught-up offset
+//!    reaches it (the native replica stays attached: a second replica stream for the source).
+//!    Measured one after the other, not at once: at once, the writer sharing the 2 cores with the
+//!    pipeline would bound both and hide the difference.
 //! 3. The same with a mixed write load: HSET, RPUSH, ZADD, INCR, EXPIRE and DEL.
 //!
 //! Printed for each phase: both times and their ratio, CPU seconds of every process (and per
@@ -35,7 +38,13 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(1_000_000);
     println!("{}", harness::bench::machine()?);
 
-    let source = RedisServer::start(RedisConfig::default().with("enable-debug-command", "yes"))?;
+    // A backlog that holds a burst: the connectors stopped during the native replica's burst
+    // continue with PSYNC.
+    let source = RedisServer::start(
+        RedisConfig::default()
+            .with("enable-debug-command", "yes")
+            .with("repl-backlog-size", "1gb"),
+    )?;
     let keys = populate(&source, scale)?;
     println!(
         "dataset: {keys} keys, used_memory {} (scale {scale})",
@@ -70,17 +79,17 @@ fn main() -> anyhow::Result<()> {
     let offset = source.repl_offset()?;
     let cpu_before = [source.pid(), broker.pid(), target.pid()].map(cpu_seconds);
     let started = Instant::now();
-    let source_connector = Connector::start(
+    let mut source_connector = Connector::start(
         Kind::Source,
         &source_config(&source.url(), &broker.bootstrap(), &topic, &options),
         &[],
     )?;
-    let sink = Connector::start(
+    let mut sink = Connector::start(
         Kind::Sink,
         &sink_config(&target.url(), &broker.bootstrap(), &topic, &options),
         &[],
     )?;
-    let pids = Pids {
+    let mut pids = Pids {
         source: source.pid(),
         source_connector: source_connector.pid(),
         broker: broker.pid(),
@@ -129,8 +138,8 @@ fn main() -> anyhow::Result<()> {
         &format!("{sets} SETs (redis-benchmark -P 16 -c 50 -d 100)"),
         &source,
         &replica,
-        &sink,
-        &pids,
+        (&mut source_connector, &mut sink),
+        &mut pids,
         sets,
         &[set_args(sets)],
     )?;
@@ -147,8 +156,8 @@ fn main() -> anyhow::Result<()> {
         &format!("{} mixed writes (HSET, RPUSH, ZADD, INCR, EXPIRE, DEL; {each} of each, redis-benchmark -P 16 -c 50)", each * 6),
         &source,
         &replica,
-        &sink,
-        &pids,
+        (&mut source_connector, &mut sink),
+        &mut pids,
         each * 6,
         &[
             command(&["HSET", "mix:h:__rand_int__", "f:__rand_int__", "value"]),
@@ -198,56 +207,52 @@ impl Peak {
 }
 
 /// Writes `writes` commands into the source with one or more `redis-benchmark` runs (`-P 16
-/// -c 50` and each run's `args`), one after the other, and times how long the native replica
-/// and the target (through the pipeline) take to hold them, from the first write.
+/// -c 50` and each run's `args`), one after the other: first with the connectors stopped, timed
+/// until the native replica holds them; then, once the restarted pipeline has caught up, again,
+/// timed until the target holds them.
 fn burst(
     what: &str,
     source: &RedisServer,
     replica: &RedisServer,
-    sink: &Connector,
-    pids: &Pids,
+    (source_connector, sink): (&mut Connector, &mut Connector),
+    pids: &mut Pids,
     writes: u64,
     runs: &[Vec<String>],
 ) -> anyhow::Result<()> {
+    // The native replica alone.
+    source_connector.stop();
+    sink.stop();
+    let started = Instant::now();
+    let end = write(source.port(), runs)?;
+    poll("the native replica to hold the burst", || {
+        replica_offset(replica) >= end
+    })?;
+    let native = started.elapsed();
+
+    // The pipeline, caught up again first.
+    source_connector.restart()?;
+    sink.restart()?;
+    pids.source_connector = source_connector.pid();
+    pids.sink = sink.pid();
+    poll("the pipeline to catch up", || caught_up(sink, end))?;
     let cpu_before = pids.all().map(cpu_seconds);
+    let mut peak = Peak::default();
     let port = source.port();
     let runs = runs.to_vec();
     let started = Instant::now();
-    let writer = std::thread::spawn(move || -> anyhow::Result<()> {
-        for args in runs {
-            let out = Command::new("redis-benchmark")
-                .args(["-p", &port.to_string(), "-P", "16", "-c", "50", "-q"])
-                .args(&args)
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "redis-benchmark {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    });
-    let mut peak = Peak::default();
-    let mut native: Option<Duration> = None;
+    let writer = std::thread::spawn(move || write(port, &runs));
     let mut end: Option<f64> = None;
-    poll("the replica and the target to hold the burst", || {
+    poll("the target to hold the burst", || {
         peak.sample(pids);
         if end.is_none() && writer.is_finished() {
             end = source.repl_offset().ok();
         }
-        let Some(end) = end else {
-            return false;
-        };
-        if native.is_none() && replica_offset(replica) >= end {
-            native = Some(started.elapsed());
-        }
-        native.is_some() && caught_up(sink, end)
+        end.is_some_and(|end| caught_up(sink, end))
     })?;
     let ours = started.elapsed();
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
-    let native = native.expect("set before the target held the burst");
     let cpu: Vec<f64> = pids
         .all()
         .map(cpu_seconds)
@@ -265,7 +270,7 @@ fn burst(
         rate(ours),
         rate(ours) / rate(native)
     );
-    println!("  CPU s: {}", cpu_line(&cpu));
+    println!("  CPU s during the pipeline's burst: {}", cpu_line(&cpu));
     let per_write = |s: f64| s / writes as f64 * 1e6;
     println!(
         "  CPU per write: source redis {:.2} µs, source-connector {:.2} µs ({:.2} of source redis), sink-connector {:.2} µs ({:.2}), target redis {:.2} µs (goal: each connector <= 0.5 of source redis)",
@@ -281,6 +286,30 @@ fn burst(
         peak.source_connector, peak.sink
     );
     Ok(())
+}
+
+/// Runs `redis-benchmark -P 16 -c 50 -q` with each of `runs`' arguments against `port`, one after
+/// the other; returns the source's replication offset after the last.
+fn write(port: u16, runs: &[Vec<String>]) -> anyhow::Result<f64> {
+    for args in runs {
+        let out = Command::new("redis-benchmark")
+            .args(["-p", &port.to_string(), "-P", "16", "-c", "50", "-q"])
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "redis-benchmark {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let info = Command::new(harness::redis::cli_bin())
+        .args(["-p", &port.to_string(), "INFO", "replication"])
+        .output()?;
+    String::from_utf8_lossy(&info.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no master_repl_offset from the source"))
 }
 
 fn cpu_line(cpu: &[f64]) -> String {
