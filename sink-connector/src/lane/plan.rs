@@ -131,12 +131,13 @@ impl Knowledge {
         let by_slot = by_slot(rules, &record);
         let shard = record.source_shard;
         let position: Position = record.position.unwrap_or_default().into();
+        let db = rules.cfg.map_db(record.db);
         let planned = |step| Planned {
             shard: shard.clone(),
             position,
             slot: record.slot.and_then(|s| u16::try_from(s).ok()),
             capture_ms: record.capture_time_ms,
-            db: rules.cfg.map_db(record.db),
+            db,
             step,
         };
         let Some(body) = record.body else {
@@ -169,7 +170,6 @@ impl Knowledge {
         if held || batched.get(&shard).is_some_and(|b| position <= *b) {
             return planned(Step::Duplicate);
         }
-        let db = rules.cfg.map_db(record.db);
         if let Some(n) = rules
             .databases
             .filter(|&n| rules.cfg.redis.select && db >= n)

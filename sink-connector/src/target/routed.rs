@@ -323,9 +323,9 @@ impl Target {
 
     /// One step of copying an emulated command's results back. Doing it again does the same.
     async fn copy_step(&mut self, step: &CopyStep, tmp_slot: u16) -> Result<(), ApplyError> {
-        let mut tmp_conn = self.slot_conn(tmp_slot).await?;
         let (key, write) = match step {
             CopyStep::Back { key, tmp } => {
+                let mut tmp_conn = self.slot_conn(tmp_slot).await?;
                 let (dump, ttl) = self.dump(&mut tmp_conn, tmp).await?;
                 let write = match dump {
                     Some(dump) => vec![
