@@ -210,8 +210,9 @@ impl Broker {
         (t.error().is_none() && !t.partitions().is_empty()).then(|| t.partitions().len() as u32)
     }
 
-    /// Every message of `topic` (all partitions, from the beginning to the current end), with
-    /// its partition and offset, decoded as records (`Err` for messages that are not records).
+    /// Every record of `topic` (all partitions, from the beginning to the current end), with
+    /// its message's partition and offset (a batch message gives one entry per record, in
+    /// order), decoded (`Err` for messages or records that cannot be read).
     pub fn read_records(&self, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
         use rdkafka::message::{Headers, Message};
         let partitions = self
@@ -255,16 +256,24 @@ impl Broker {
                     .find(|h| h.key == proto::topic::HEADER_CONTENT_TYPE)
                     .and_then(|h| h.value.map(|v| v.to_vec()))
             });
-            let record =
-                proto::topic::decode(content_type.as_deref(), msg.payload().unwrap_or_default())
-                    .map_err(|e| e.to_string());
-            out.push(TopicMessage {
+            let value = bytes::Bytes::copy_from_slice(msg.payload().unwrap_or_default());
+            let key = msg.key().map(|k| k.to_vec()).unwrap_or_default();
+            let entry = |record| TopicMessage {
                 partition: p as u32,
                 offset: msg.offset(),
-                key: msg.key().map(|k| k.to_vec()).unwrap_or_default(),
+                key: key.clone(),
                 record,
-            });
+            };
+            match proto::topic::decode_message(content_type.as_deref(), &value) {
+                Ok(entries) => out.extend(
+                    entries
+                        .into_iter()
+                        .map(|e| entry(e.record.map_err(|e| e.to_string()))),
+                ),
+                Err(e) => out.push(entry(Err(e.to_string()))),
+            }
         }
+        // Stable: a batch's records keep their order.
         out.sort_by_key(|m| (m.partition, m.offset));
         Ok(out)
     }

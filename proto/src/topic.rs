@@ -7,8 +7,11 @@ use std::fmt;
 
 /// Header that names the content type of the value.
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
-/// The content type of every record this pipeline writes.
+/// The content type of a message holding one record ([`v1::Record`]).
 pub const CONTENT_TYPE: &str = "application/x-protobuf; proto=redis_repl.v1.Record";
+/// The content type of a message holding several consecutive records of its partition
+/// ([`v1::RecordBatch`]): what the source connector writes since schema 1.1 (ADR 0013).
+pub const CONTENT_TYPE_BATCH: &str = "application/x-protobuf; proto=redis_repl.v1.RecordBatch";
 /// Header that carries [`SCHEMA_VERSION`] as decimal text.
 pub const HEADER_SCHEMA_VERSION: &str = "redis-repl-schema-version";
 /// Header with the source shard name, so tools can filter without decoding.
@@ -66,7 +69,7 @@ impl RecordKey {
 /// Why a message on the topic could not be read as a record.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("message has no `{HEADER_CONTENT_TYPE}: {CONTENT_TYPE}` header (foreign message)")]
+    #[error("message has no `{HEADER_CONTENT_TYPE}: {CONTENT_TYPE}` or `{CONTENT_TYPE_BATCH}` header (foreign message)")]
     ForeignContentType { found: Option<String> },
     #[error("record schema version {found} is newer than supported version {SCHEMA_VERSION}")]
     NewerSchema { found: u32 },
@@ -81,25 +84,100 @@ pub fn encode(record: &v1::Record) -> Vec<u8> {
     record.encode_to_vec()
 }
 
-/// Decodes a message, given its content-type header value and body.
+/// How many bytes an encoded record of `len` bytes takes in a batch message.
+pub fn batch_entry_len(len: usize) -> usize {
+    1 + prost::length_delimiter_len(len) + len
+}
+
+/// Appends an encoded record to the value of a batch message (a [`v1::RecordBatch`] is its
+/// records one after the other, each as field 1), so records are encoded once.
+pub fn push_to_batch(batch: &mut Vec<u8>, encoded: &[u8]) {
+    prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, batch);
+    prost::encoding::encode_varint(encoded.len() as u64, batch);
+    batch.extend_from_slice(encoded);
+}
+
+/// One record of a message: where its bytes sit in the message value (for a dead-letter copy
+/// of that record alone) and the record, or why it cannot be read.
+#[derive(Debug)]
+pub struct Entry {
+    pub bytes: std::ops::Range<usize>,
+    pub record: Result<v1::Record, DecodeError>,
+}
+
+/// The records of a message, in order, given its content-type header value and body: one for a
+/// [`CONTENT_TYPE`] message, each of a [`CONTENT_TYPE_BATCH`] one.
+///
+/// Fails as a whole when the message is not this pipeline's (foreign content type) or the batch
+/// envelope is unreadable; a record that cannot be read inside a readable batch is an `Err` in
+/// its own entry, so the records around it are not lost. Byte fields share `value`'s memory.
+pub fn decode_message(
+    content_type: Option<&[u8]>,
+    value: &bytes::Bytes,
+) -> Result<Vec<Entry>, DecodeError> {
+    if content_type == Some(CONTENT_TYPE.as_bytes()) {
+        return Ok(vec![Entry {
+            bytes: 0..value.len(),
+            record: decode_record(value.clone()),
+        }]);
+    }
+    if content_type != Some(CONTENT_TYPE_BATCH.as_bytes()) {
+        return Err(foreign(content_type));
+    }
+    let malformed = |reason: String| DecodeError::Malformed {
+        reason: format!("batch envelope: {reason}"),
+    };
+    let mut entries = Vec::new();
+    let mut rest = &value[..];
+    while !rest.is_empty() {
+        let (tag, wire_type) =
+            prost::encoding::decode_key(&mut rest).map_err(|e| malformed(e.to_string()))?;
+        if tag != 1 || wire_type != prost::encoding::WireType::LengthDelimited {
+            // A field a later schema added: not a record.
+            prost::encoding::skip_field(wire_type, tag, &mut rest, Default::default())
+                .map_err(|e| malformed(e.to_string()))?;
+            continue;
+        }
+        let len =
+            prost::encoding::decode_varint(&mut rest).map_err(|e| malformed(e.to_string()))?;
+        let start = value.len() - rest.len();
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| start.checked_add(len))
+            .filter(|&end| end <= value.len())
+            .ok_or_else(|| malformed(format!("record of {len} bytes runs past the message")))?;
+        rest = &value[end..];
+        entries.push(Entry {
+            bytes: start..end,
+            record: decode_record(value.slice(start..end)),
+        });
+    }
+    if entries.is_empty() {
+        return Err(malformed("no records".into()));
+    }
+    Ok(entries)
+}
+
+/// Decodes a message holding one record, given its content-type header value and body.
 ///
 /// Checks the header first so a foreign message on the topic gets a clear error instead of a
 /// protobuf parse that might accidentally succeed.
 pub fn decode(content_type: Option<&[u8]>, value: &[u8]) -> Result<v1::Record, DecodeError> {
-    decode_buf(content_type, value)
+    if content_type != Some(CONTENT_TYPE.as_bytes()) {
+        return Err(foreign(content_type));
+    }
+    decode_record(value)
 }
 
-/// [`decode`] from any buffer: given `bytes::Bytes`, the record's byte fields share its memory
-/// instead of being copied one by one.
-pub fn decode_buf(
-    content_type: Option<&[u8]>,
-    value: impl bytes::Buf,
-) -> Result<v1::Record, DecodeError> {
-    if content_type != Some(CONTENT_TYPE.as_bytes()) {
-        return Err(DecodeError::ForeignContentType {
-            found: content_type.map(|c| String::from_utf8_lossy(c).into_owned()),
-        });
+fn foreign(content_type: Option<&[u8]>) -> DecodeError {
+    DecodeError::ForeignContentType {
+        found: content_type.map(|c| String::from_utf8_lossy(c).into_owned()),
     }
+}
+
+/// Decodes one encoded record from any buffer: given `bytes::Bytes`, the record's byte fields
+/// share its memory instead of being copied one by one.
+fn decode_record(value: impl bytes::Buf) -> Result<v1::Record, DecodeError> {
     let record = v1::Record::decode(value).map_err(|e| DecodeError::Malformed {
         reason: e.to_string(),
     })?;
@@ -177,5 +255,72 @@ mod tests {
             })
         );
         assert_eq!(decode(ct, &[]), Err(DecodeError::EmptyBody));
+    }
+
+    fn command(n: u64) -> v1::Record {
+        v1::Record {
+            schema_version: SCHEMA_VERSION,
+            position: Some(crate::Position::new(1, n, 0).into()),
+            body: Some(v1::record::Body::Heartbeat(v1::Heartbeat::default())),
+            ..Default::default()
+        }
+    }
+
+    /// A batch built with `push_to_batch` is a `RecordBatch` to any protobuf reader, and
+    /// `decode_message` gives its records back in order with their byte ranges.
+    #[test]
+    fn batch_round_trip() {
+        let records: Vec<v1::Record> = (1..=3).map(command).collect();
+        let mut value = Vec::new();
+        for r in &records {
+            let encoded = encode(r);
+            let before = value.len();
+            push_to_batch(&mut value, &encoded);
+            assert_eq!(value.len() - before, batch_entry_len(encoded.len()));
+        }
+        let generic = v1::RecordBatch::decode(&value[..]).unwrap();
+        assert_eq!(generic.records, records);
+        let value = bytes::Bytes::from(value);
+        let entries = decode_message(Some(CONTENT_TYPE_BATCH.as_bytes()), &value).unwrap();
+        assert_eq!(entries.len(), 3);
+        for (entry, record) in entries.iter().zip(&records) {
+            assert_eq!(entry.record.as_ref().unwrap(), record);
+            assert_eq!(&value[entry.bytes.clone()], &encode(record)[..]);
+        }
+        let single = bytes::Bytes::from(encode(&records[0]));
+        let entries = decode_message(Some(CONTENT_TYPE.as_bytes()), &single).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].record.as_ref().unwrap(), &records[0]);
+    }
+
+    /// A bad record inside a readable batch is an error of its own; the others still decode.
+    /// An unreadable envelope or a foreign content type fails the whole message.
+    #[test]
+    fn batch_errors_stay_where_they_are() {
+        let mut value = Vec::new();
+        push_to_batch(&mut value, &encode(&command(1)));
+        push_to_batch(&mut value, &[0xff, 0xff, 0xff]);
+        push_to_batch(&mut value, &encode(&command(3)));
+        let value = bytes::Bytes::from(value);
+        let batch = Some(CONTENT_TYPE_BATCH.as_bytes());
+        let entries = decode_message(batch, &value).unwrap();
+        assert!(entries[0].record.is_ok() && entries[2].record.is_ok());
+        assert!(matches!(
+            entries[1].record,
+            Err(DecodeError::Malformed { .. })
+        ));
+        let cut = value.slice(..value.len() - 1);
+        assert!(matches!(
+            decode_message(batch, &cut),
+            Err(DecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            decode_message(batch, &bytes::Bytes::new()),
+            Err(DecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            decode_message(Some(b"text/plain"), &value),
+            Err(DecodeError::ForeignContentType { .. })
+        ));
     }
 }

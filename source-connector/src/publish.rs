@@ -1,10 +1,14 @@
 //! Publishing records to Kafka and tracking what Kafka has durably acknowledged.
 //!
 //! Records are produced in replication order through one idempotent producer (`acks=all`), so
-//! each partition receives them in order. Each record carries its sequence number as librdkafka's
-//! delivery opaque (no allocation, future or channel per record); the producer's delivery
-//! callback counts the acknowledgements in [`Deliveries`] and advances the acknowledged [`Mark`]:
-//! a mark moves only when its record and every record before it are acknowledged. Memory is
+//! each partition receives them in order. Consecutive records of a partition share one Kafka
+//! message (a `RecordBatch`, ADR 0013): [`Publisher::publish`] adds a record to its partitions'
+//! open batches, and [`Publisher::send`] — called by the reader whenever it has consumed what it
+//! read, before it waits for more — produces them, so a batch never waits for input that has not
+//! arrived. One send is one *round*: its messages carry the round's sequence number as
+//! librdkafka's delivery opaque, and the producer's delivery callback counts the
+//! acknowledgements in [`Deliveries`] and advances the acknowledged [`Mark`]: a mark moves only
+//! when its round and every round before it are acknowledged on every partition. Memory is
 //! bounded by `max_in_flight_bytes`: when Kafka is slow or down, [`Publisher::publish`] waits,
 //! which stops the caller from reading Redis.
 
@@ -15,7 +19,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -74,8 +78,13 @@ pub fn check_settings(cfg: &crate::config::KafkaConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What one produced message costs in memory besides its payload, for the in-flight budget.
-const MESSAGE_OVERHEAD: usize = 256;
+/// What one record costs in memory besides its payload, for the in-flight budget.
+const MESSAGE_OVERHEAD: usize = 64;
+
+/// A batch message is sent once it holds this many bytes (or less, when the topic's
+/// `kafka.max_message_bytes` is smaller). Larger batches save little more per record and make
+/// the sink's unit of re-reading after a crash bigger.
+const BATCH_BYTES: usize = 256 << 10;
 
 /// Opaques with this bit set belong to [`Publisher::send_and_wait`]; the others are record
 /// sequence numbers.
@@ -127,7 +136,7 @@ impl Deliveries {
         }
     }
 
-    /// Registers a record produced to `partitions` partitions; returns its opaque.
+    /// Registers a round of messages produced to `partitions` partitions; returns its opaque.
     fn begin(&self, partitions: usize, mark: Option<Mark>, cost: usize) -> usize {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let seq = state.base + state.pending.len();
@@ -177,7 +186,7 @@ impl ProducerContext for Deliveries {
 }
 
 impl Deliveries {
-    /// One partition's delivery report for the record (or checkpoint write) `opaque`.
+    /// One partition's delivery report for the round (or checkpoint write) `opaque`.
     fn delivered(&self, opaque: usize, error: Option<&KafkaError>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if opaque & WAITER != 0 {
@@ -237,11 +246,31 @@ pub struct Publisher {
     /// The last mark handed to Kafka (what `flush` waits for).
     published: Option<Mark>,
     max_message_bytes: usize,
+    /// Records published but not yet produced.
+    open: Round,
     /// The same for every record of this shard: built once.
     headers: OwnedHeaders,
     records_produced: Counter,
+    messages_produced: Counter,
     bytes_produced: Counter,
     offset_published: Gauge,
+}
+
+/// The records of the next send: one batch per partition.
+#[derive(Default)]
+struct Round {
+    batches: BTreeMap<u32, Batch>,
+    /// The mark of the round's last record that has one.
+    mark: Option<Mark>,
+    /// In-flight budget taken by the round's records.
+    cost: usize,
+}
+
+struct Batch {
+    /// The message key: that of the batch's first record.
+    key: Vec<u8>,
+    /// A `RecordBatch`: the records, each as field 1.
+    value: Vec<u8>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -260,7 +289,7 @@ impl Publisher {
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: topic::HEADER_CONTENT_TYPE,
-                value: Some(topic::CONTENT_TYPE),
+                value: Some(topic::CONTENT_TYPE_BATCH),
             })
             .insert(Header {
                 key: topic::HEADER_SCHEMA_VERSION,
@@ -272,6 +301,7 @@ impl Publisher {
             });
         Publisher {
             records_produced: counter!("source_records_produced_total", "shard" => shard.clone()),
+            messages_produced: counter!("source_messages_produced_total", "shard" => shard.clone()),
             bytes_produced: counter!("source_bytes_produced_total", "shard" => shard.clone()),
             offset_published: gauge!("source_offset_published", "shard" => shard.clone()),
             acked: deliveries.acked.subscribe(),
@@ -283,6 +313,7 @@ impl Publisher {
             shard,
             published: None,
             max_message_bytes,
+            open: Round::default(),
             headers,
         }
     }
@@ -292,14 +323,18 @@ impl Publisher {
         self.acked.clone()
     }
 
-    /// Produces one record (to each of its partitions). Waits while too many bytes are in
-    /// flight. Fails when a delivery failed: the session must then restart from the checkpoint.
+    /// Adds one record to the open batch of each of its partitions (sending the open round
+    /// first when a batch would grow past its size). Waits while too many bytes are in flight.
+    /// Fails when a delivery failed: the session must then restart from the checkpoint.
+    ///
+    /// The record reaches Kafka with the next [`Publisher::send`] (or [`Publisher::flush`]).
     pub async fn publish(&mut self, out: Outgoing) -> Result<(), PublishError> {
         if let Some(error) = self.failed.borrow().clone() {
             return Err(self.error(error));
         }
         let payload = topic::encode(&out.record);
-        if payload.len() > self.max_message_bytes {
+        let entry = topic::batch_entry_len(payload.len());
+        if entry > self.max_message_bytes {
             let position = out.record.position.unwrap_or_default();
             counter!("source_oversized_records_total", "shard" => self.shard.clone()).increment(1);
             return Err(PublishError {
@@ -309,24 +344,55 @@ impl Publisher {
                     position.epoch,
                     position.offset,
                     position.sequence,
-                    payload.len(),
+                    entry,
                     self.max_message_bytes
                 ),
                 fatal: true,
             });
         }
-        // librdkafka's own bookkeeping per message (message, headers, batch space) counts too:
-        // for small records it is as large as the payload.
-        let cost = ((payload.len() + MESSAGE_OVERHEAD) * out.partitions.len())
-            .clamp(1, self.max_in_flight);
-        self.reserve(cost).await;
-        let opaque = self.deliveries.begin(out.partitions.len(), out.mark, cost);
+        let limit = BATCH_BYTES.min(self.max_message_bytes);
+        let full = out.partitions.iter().any(|p| {
+            self.open
+                .batches
+                .get(p)
+                .is_some_and(|b| b.value.len() + entry > limit)
+        });
+        if full {
+            self.send().await?;
+        }
+        // librdkafka's bookkeeping is per message now, so a record costs little besides itself.
+        let cost = ((entry + MESSAGE_OVERHEAD) * out.partitions.len()).clamp(1, self.max_in_flight);
+        self.reserve(cost).await?;
         let key = out.key.to_bytes();
         for &partition in &out.partitions {
+            let batch = self.open.batches.entry(partition).or_insert_with(|| Batch {
+                key: key.clone(),
+                value: Vec::with_capacity(limit.min(16 << 10)),
+            });
+            topic::push_to_batch(&mut batch.value, &payload);
+        }
+        self.open.cost += cost;
+        self.open.mark = out.mark.or(self.open.mark);
+        self.records_produced.increment(out.partitions.len() as u64);
+        self.bytes_produced
+            .increment((payload.len() * out.partitions.len()) as u64);
+        Ok(())
+    }
+
+    /// Produces the open batches: one message per partition, all tracked as one round.
+    pub async fn send(&mut self) -> Result<(), PublishError> {
+        let round = std::mem::take(&mut self.open);
+        if round.batches.is_empty() {
+            return Ok(());
+        }
+        let opaque = self
+            .deliveries
+            .begin(round.batches.len(), round.mark, round.cost);
+        for (partition, batch) in &round.batches {
             let mut record = BaseRecord::with_opaque_to(&self.topic, opaque)
-                .partition(partition as i32)
-                .key(&key)
-                .payload(&payload)
+                .partition(*partition as i32)
+                .key(&batch.key)
+                .payload(&batch.value)
                 .headers(self.headers.clone());
             loop {
                 match self.producer.send(record) {
@@ -338,17 +404,16 @@ impl Publisher {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
-                        // The record never reaches the delivery callback: fail the session
-                        // (its mark can no longer move past this record).
+                        // The round never reaches the delivery callback: fail the session
+                        // (its mark can no longer move past it).
                         self.deliveries.fail(&e);
                         return Err(self.error(e.to_string()));
                     }
                 }
             }
-            self.records_produced.increment(1);
-            self.bytes_produced.increment(payload.len() as u64);
+            self.messages_produced.increment(1);
         }
-        if let Some(mark) = out.mark {
+        if let Some(mark) = round.mark {
             self.published = Some(mark);
             self.offset_published.set(mark.offset as f64);
         }
@@ -356,12 +421,14 @@ impl Publisher {
     }
 
     /// Takes `cost` bytes of the in-flight budget, waiting (and saying so) while Kafka has not
-    /// acknowledged enough.
-    async fn reserve(&self, cost: usize) {
-        let budget = &self.deliveries.budget;
+    /// acknowledged enough. The open round is sent first: what it holds counts against the
+    /// budget, and only Kafka's acknowledgements give it back.
+    async fn reserve(&mut self, cost: usize) -> Result<(), PublishError> {
+        let budget = self.deliveries.budget.clone();
         let permit = match budget.try_acquire_many(cost as u32) {
             Ok(p) => p,
             Err(_) => {
+                self.send().await?;
                 let waited = Instant::now();
                 gauge!("source_backpressure", "shard" => self.shard.clone()).set(1.0);
                 tracing::debug!(shard = %self.shard, "waiting on Kafka: {} bytes in flight", self.max_in_flight);
@@ -377,10 +444,13 @@ impl Publisher {
         };
         // Returned by the delivery callback.
         permit.forget();
+        Ok(())
     }
 
-    /// Waits until everything produced so far is acknowledged (or a delivery failed).
+    /// Sends the open round and waits until everything produced so far is acknowledged (or a
+    /// delivery failed).
     pub async fn flush(&mut self) -> Result<Option<Mark>, PublishError> {
+        self.send().await?;
         let target = self.published;
         let mut acked = self.acked.clone();
         let mut failed = self.failed.clone();

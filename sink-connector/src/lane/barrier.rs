@@ -244,7 +244,7 @@ impl Lane {
             fields.retain(|(s, _)| s != shard);
             fields.push((shard.to_owned(), position));
             let kafka_offset = if q == self.partition {
-                Some(message.offset())
+                Some(message.covers())
             } else {
                 kafka_offset
             };
@@ -380,7 +380,7 @@ impl Lane {
         counter!("sink_barriers_applied_before_total", "partition" => self.label.clone())
             .increment(1);
         gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(0.0);
-        self.checkpoint_only(shard, position, message.offset())
+        self.checkpoint_only(shard, position, message.covers())
             .await
     }
 
@@ -422,7 +422,7 @@ impl Lane {
         );
         counter!("sink_barriers_abandoned_total", "partition" => self.label.clone()).increment(1);
         gauge!("sink_barrier_waiting", "partition" => self.label.clone()).set(0.0);
-        self.checkpoint_only(shard, position, message.offset())
+        self.checkpoint_only(shard, position, message.covers())
             .await
     }
 }

@@ -35,11 +35,10 @@ use plan::{Knowledge, Planned, Rules, SnapshotPart, Step};
 
 use crate::config::Config;
 use crate::filter::{Filter, RateLimit};
-use crate::incoming::Incoming;
+use crate::incoming::{Decoded, Incoming};
 use crate::target::{ApplyError, Op, Target};
 use bytes::Bytes;
 use metrics::{counter, gauge, histogram};
-use proto::topic::{self as wire};
 use proto::Position;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
@@ -205,8 +204,8 @@ impl Lane {
         }
     }
 
-    /// Processes a batch of consecutive messages of this partition.
-    pub async fn process(&mut self, messages: Vec<Incoming>) -> Result<(), Stop> {
+    /// Processes consecutive records of this partition (see [`Incoming::records`]).
+    pub async fn process(&mut self, records: Vec<(Incoming, Decoded)>) -> Result<(), Stop> {
         let mut batch: Vec<Pending> = Vec::new();
         let mut last_offset = None;
         // The last heartbeat per source shard: once everything before it is applied, this lane
@@ -217,19 +216,21 @@ impl Lane {
         let mut batched: HashMap<String, Position> = HashMap::new();
         // Snapshots whose end marker this call applies: (shard, epoch).
         let mut snapshots_ended: Vec<(String, u64)> = Vec::new();
-        let count = messages.len();
-        for message in messages {
+        let count = records.len();
+        for (message, decoded) in records {
             if let Some(expected) = self.expect_next.filter(|e| message.offset() > *e) {
                 if self.offsets_missing(expected, message.offset()).await? {
                     break;
                 }
             }
             self.seeks = 0;
-            self.expect_next = Some(message.offset() + 1);
+            // Past a batch's last record, the next message; before it, the rest of this one
+            // (if processing stops here, the next message shows the gap and the lane reads
+            // this one again).
+            self.expect_next = Some(message.covers() + 1);
             self.just_loaded = false;
-            last_offset = Some(message.offset());
-            let content_type = message.header(wire::HEADER_CONTENT_TYPE);
-            let record = match wire::decode_buf(content_type, message.payload()) {
+            last_offset = Some(message.covers());
+            let record = match decoded {
                 Ok(r) => r,
                 Err(e) => {
                     self.flush(&mut batch).await?;
@@ -291,7 +292,7 @@ impl Lane {
                 Step::Reject(what) => {
                     self.flush(&mut batch).await?;
                     self.reject(&message, &what).await?;
-                    self.checkpoint_only(&shard, position, message.offset())
+                    self.checkpoint_only(&shard, position, message.covers())
                         .await?;
                 }
                 Step::Barrier(barrier) => {
@@ -301,7 +302,7 @@ impl Lane {
                 }
                 Step::ClearForSnapshot(start) => {
                     self.flush(&mut batch).await?;
-                    self.clear_for_snapshot(&shard, position, &start, message.offset())
+                    self.clear_for_snapshot(&shard, position, &start, message.covers())
                         .await?;
                 }
                 Step::Apply { ops, snapshot } => {
@@ -314,7 +315,7 @@ impl Lane {
                     }
                     batched.insert(shard.clone(), position);
                     batch.push(Pending {
-                        offset: message.offset(),
+                        offset: message.covers(),
                         slot,
                         shard,
                         position,
@@ -428,25 +429,24 @@ pub async fn run<C: rdkafka::consumer::ConsumerContext + 'static>(
             };
             lane.fed();
             let taken_ms = service::now_ms();
-            let mut messages = Vec::new();
-            match first {
-                Ok(m) => messages.push(Incoming::new(&m, taken_ms)),
+            let mut records = match first {
+                Ok(m) => Incoming::records(&m, taken_ms),
                 Err(e) => {
                     tracing::warn!(partition = lane.partition, "Kafka: {e}");
                     continue;
                 }
-            }
-            let mut bytes = messages[0].payload().len();
-            while messages.len() < batch_records && bytes < 8 << 20 {
+            };
+            let mut bytes = records[0].0.payload().len();
+            while records.len() < batch_records && bytes < 8 << 20 {
                 match queue.recv().now_or_never() {
                     Some(Ok(m)) => {
                         bytes += m.payload().map_or(0, <[u8]>::len);
-                        messages.push(Incoming::new(&m, taken_ms));
+                        records.extend(Incoming::records(&m, taken_ms));
                     }
                     _ => break,
                 }
             }
-            result = lane.process(messages).await;
+            result = lane.process(records).await;
         }
         rewound = matches!(result, Err(Stop::Rewind));
         if let Err(Stop::Revoked) = result {

@@ -185,6 +185,8 @@ pub(super) async fn full_sync(
                 "shutdown during the snapshot; it restarts on the next run".into(),
             ));
         }
+        // Everything decoded so far goes to Kafka before waiting for more.
+        publisher.send().await?;
         conn.fill(Duration::from_secs(cfg.redis.repl_timeout_s))
             .await
             .map_err(|e| match e {

@@ -89,6 +89,9 @@ pub(super) async fn stream(
                         // Published after the old owner's delete, and remembered in the
                         // checkpoint topic first (ADR 0007); imports that follow at once are
                         // written together.
+                        // What this shard holds goes out first: the other shard may be
+                        // waiting on one of its deletes just as this one waits on that shard.
+                        publisher.send().await?;
                         let after = migrations.wait(&shard, before).await;
                         migrations.imported(&shard, &cmd.args[1], after);
                         imports.push(cmd);
@@ -112,6 +115,8 @@ pub(super) async fn stream(
             }
         }
         publish_imports(shared, publisher, builder, &mut imports).await?;
+        // Everything read so far goes to Kafka before waiting for more.
+        publisher.send().await?;
         if publishing.elapsed() > Duration::from_millis(500) {
             // Waiting on Kafka is not silence from the master: we were not reading.
             last_received = Instant::now();
@@ -136,6 +141,7 @@ pub(super) async fn stream(
                 }
                 if let Some(hb) = builder.heartbeat() {
                     publisher.publish(hb).await?;
+                    publisher.send().await?;
                 }
                 let current = *acked.borrow();
                 if let Some(mark) = current {
