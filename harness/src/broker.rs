@@ -173,6 +173,31 @@ impl Broker {
             .collect()
     }
 
+    /// Commits `offsets` (by partition) as consumer group `group`'s position in `topic`, as an
+    /// operator resetting the group's offsets would. Retries while the group still has members
+    /// (a killed member stays until its session times out).
+    pub fn commit_group_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[i64],
+    ) -> anyhow::Result<()> {
+        use rdkafka::consumer::CommitMode;
+        use rdkafka::{Offset, TopicPartitionList};
+        let mut list = TopicPartitionList::new();
+        for (p, &o) in offsets.iter().enumerate() {
+            list.add_partition_offset(topic, p as i32, Offset::Offset(o))?;
+        }
+        let mut c = self.client_config();
+        c.set("group.id", group).set("enable.auto.commit", "false");
+        let consumer: BaseConsumer = c.create()?;
+        wait_for(
+            &format!("group {group} to accept committed offsets"),
+            Duration::from_secs(60),
+            || consumer.commit(&list, CommitMode::Sync).ok(),
+        )
+    }
+
     /// Deletes every record of each partition of `topic` below its current high watermark, as
     /// retention would, and returns the new low watermarks.
     pub fn delete_all_records(&self, topic: &str) -> anyhow::Result<Vec<i64>> {

@@ -10,7 +10,7 @@ pub const HEADER_CONTENT_TYPE: &str = "content-type";
 /// The content type of a message holding one record ([`v1::Record`]).
 pub const CONTENT_TYPE: &str = "application/x-protobuf; proto=redis_repl.v1.Record";
 /// The content type of a message holding several consecutive records of its partition
-/// ([`v1::RecordBatch`]): what the source connector writes since schema 1.1 (ADR 0013).
+/// ([`v1::RecordBatch`]): what the source connector writes (ADR 0013).
 pub const CONTENT_TYPE_BATCH: &str = "application/x-protobuf; proto=redis_repl.v1.RecordBatch";
 /// Header that carries [`SCHEMA_VERSION`] as decimal text.
 pub const HEADER_SCHEMA_VERSION: &str = "redis-repl-schema-version";

@@ -323,6 +323,10 @@ impl Lane {
                         ops,
                         message,
                     });
+                    // One message may hold more records than a transaction takes.
+                    if batch.len() >= self.env.cfg.apply.batch_records {
+                        self.flush(&mut batch).await?;
+                    }
                 }
             }
         }
