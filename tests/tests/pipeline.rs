@@ -348,7 +348,7 @@ fn sink_kill9_inside_a_batch_message_applies_the_rest_of_it_once() {
         let written = p.source.repl_offset().unwrap();
         harness::wait_for("Kafka to hold the writes", Duration::from_secs(60), || {
             let acked = p.source_connector.metric("source_offset_acked", &[])?;
-            (acked >= written as f64).then_some(())
+            (acked >= written).then_some(())
         })
         .unwrap();
         p.sink.restart().unwrap();
