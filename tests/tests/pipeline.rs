@@ -203,16 +203,21 @@ fn standalone_to_standalone_every_type() {
     );
 }
 
-/// kill -9 of the sink at random points while counters, lists, appends and streams are written:
-/// the final values are exact (nothing lost, nothing applied twice).
-#[test]
-fn sink_kill9_applies_everything_exactly_once() {
+/// A random generator from `SEED`, or from a random seed it prints, so a failure can be replayed.
+fn seeded_rng() -> rand::rngs::StdRng {
     let seed: u64 = std::env::var("SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     eprintln!("seed {seed} (rerun with SEED={seed})");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// kill -9 of the sink at random points while counters, lists, appends and streams are written:
+/// the final values are exact (nothing lost, nothing applied twice).
+#[test]
+fn sink_kill9_applies_everything_exactly_once() {
+    let mut rng = seeded_rng();
     let mut p = Pipeline::start(Options::default()).unwrap();
     // Start writing only after the (empty) snapshot is applied: the workload's keys then exist
     // only in the command stream, so applying any command twice shows in the final values.
@@ -316,12 +321,7 @@ fn sink_kill9_applies_everything_exactly_once() {
 /// and the part already applied skipped by position.
 #[test]
 fn sink_kill9_inside_a_batch_message_applies_the_rest_of_it_once() {
-    let seed: u64 = std::env::var("SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (rerun with SEED={seed})");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng();
     let mut p = Pipeline::start(Options {
         partitions: 2,
         sink_apply: "batch_records = 5".into(),
