@@ -97,8 +97,18 @@ fn main() -> anyhow::Result<()> {
         target: target.pid(),
     };
     let mut peak = Peak::default();
+    // When the source connector's last snapshot record was durable in Kafka: the stage after
+    // it (the sink and the target) took the rest.
+    let mut in_kafka = None;
     poll("the target to hold the snapshot", || {
         peak.sample(&pids);
+        if in_kafka.is_none()
+            && source_connector
+                .metric("source_offset_acked", &[])
+                .is_some_and(|acked| acked >= offset as f64)
+        {
+            in_kafka = Some(started.elapsed());
+        }
         caught_up(&sink, offset)
     })?;
     let ours = started.elapsed();
@@ -115,6 +125,12 @@ fn main() -> anyhow::Result<()> {
         ours.as_secs_f64(),
         ours.as_secs_f64() / native.as_secs_f64()
     );
+    if let Some(t) = in_kafka {
+        println!(
+            "  the source connector had the whole snapshot durable in Kafka after {:.2} s",
+            t.as_secs_f64()
+        );
+    }
     println!("  CPU s: {}", cpu_line(&cpu));
     println!(
         "  peak RSS: source-connector {} MB, sink-connector {} MB (goal <= 128)",
