@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
         if in_kafka.is_none()
             && source_connector
                 .metric("source_offset_acked", &[])
-                .is_some_and(|acked| acked >= offset as f64)
+                .is_some_and(|acked| acked >= offset)
         {
             in_kafka = Some(started.elapsed());
         }
