@@ -97,17 +97,19 @@ fn main() -> anyhow::Result<()> {
         target: target.pid(),
     };
     let mut peak = Peak::default();
-    // When the source connector's last snapshot record was durable in Kafka: the stage after
-    // it (the sink and the target) took the rest.
-    let mut in_kafka = None;
+    // When the source connector had read the whole RDB (and so published all but its last
+    // in-flight bytes): the stage after it, the sink and the target, took the rest. (Not
+    // `source_offset_acked`: every snapshot record carries the FULLRESYNC offset, so it reaches
+    // it with the first one.)
+    let mut rdb_read = None;
     poll("the target to hold the snapshot", || {
         peak.sample(&pids);
-        if in_kafka.is_none()
+        if rdb_read.is_none()
             && source_connector
-                .metric("source_offset_acked", &[])
-                .is_some_and(|acked| acked >= offset)
+                .metric("source_snapshot_progress_ratio", &[])
+                .is_some_and(|ratio| ratio >= 1.0)
         {
-            in_kafka = Some(started.elapsed());
+            rdb_read = Some(started.elapsed());
         }
         caught_up(&sink, offset)
     })?;
@@ -125,9 +127,9 @@ fn main() -> anyhow::Result<()> {
         ours.as_secs_f64(),
         ours.as_secs_f64() / native.as_secs_f64()
     );
-    if let Some(t) = in_kafka {
+    if let Some(t) = rdb_read {
         println!(
-            "  the source connector had the whole snapshot durable in Kafka after {:.2} s",
+            "  the source connector had read and published the whole RDB after {:.2} s",
             t.as_secs_f64()
         );
     }
