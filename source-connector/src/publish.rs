@@ -363,10 +363,10 @@ impl Publisher {
         // librdkafka's bookkeeping is per message now, so a record costs little besides itself.
         let cost = ((entry + MESSAGE_OVERHEAD) * out.partitions.len()).clamp(1, self.max_in_flight);
         self.reserve(cost).await?;
-        let key = out.key.to_bytes();
         for &partition in &out.partitions {
+            // Only a batch's first record names its key: no key bytes for the others.
             let batch = self.open.batches.entry(partition).or_insert_with(|| Batch {
-                key: key.clone(),
+                key: out.key.to_bytes(),
                 value: Vec::with_capacity(limit.min(16 << 10)),
             });
             topic::push_to_batch(&mut batch.value, &payload);
