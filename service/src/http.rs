@@ -64,18 +64,11 @@ const BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Buckets of replication latencies: fine around the tens of milliseconds a healthy pipeline
-/// takes, so that a p99 reads as 55 ms rather than "between 50 and 100", and up to the minutes
-/// a stalled one shows.
-const LATENCY_BUCKETS: [f64; 24] = [
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1,
-    0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-];
-
-/// Installs the Prometheus recorder; the histograms named in `latencies` get
-/// [`LATENCY_BUCKETS`], and the metrics `reference` (docs/metrics.md, compiled in) lists under
-/// `prefix` their help text and unit ([`describe`]). Call once per process, before any metric
-/// is touched.
+/// Installs the Prometheus recorder; the histograms named in `latencies` get the replication
+/// latency buckets ([`crate::latency::BUCKETS`]), and the metrics `reference` (docs/metrics.md,
+/// compiled in) lists under `prefix` their help text and unit ([`describe`]). Call once per
+/// process, before any metric is touched. [`crate::latency`] histograms are rendered after the
+/// exporter's metrics.
 pub fn install_recorder(
     reference: &str,
     prefix: &str,
@@ -83,8 +76,8 @@ pub fn install_recorder(
 ) -> anyhow::Result<PrometheusHandle> {
     let mut builder = PrometheusBuilder::new().set_buckets(&BUCKETS)?;
     for name in latencies {
-        builder =
-            builder.set_buckets_for_metric(Matcher::Full((*name).to_owned()), &LATENCY_BUCKETS)?;
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full((*name).to_owned()), &crate::latency::BUCKETS)?;
     }
     let handle = builder.install_recorder()?;
     describe(reference, prefix);
@@ -140,8 +133,13 @@ pub fn describe(reference: &str, prefix: &str) {
             ("counter", None) => metrics::describe_counter!(name, m.meaning),
             ("gauge", Some(u)) => metrics::describe_gauge!(name, u, m.meaning),
             ("gauge", None) => metrics::describe_gauge!(name, m.meaning),
-            ("histogram", Some(u)) => metrics::describe_histogram!(name, u, m.meaning),
-            ("histogram", None) => metrics::describe_histogram!(name, m.meaning),
+            ("histogram", unit) => {
+                crate::latency::describe(&name, &m.meaning);
+                match unit {
+                    Some(u) => metrics::describe_histogram!(name, u, m.meaning),
+                    None => metrics::describe_histogram!(name, m.meaning),
+                }
+            }
             _ => {}
         }
     }
@@ -196,7 +194,11 @@ pub async fn serve(
                 let head = String::from_utf8_lossy(&buf[..used]);
                 let path = head.split_whitespace().nth(1).unwrap_or("/");
                 let (status, ctype, body) = match path {
-                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+                    "/metrics" => (
+                        "200 OK",
+                        "text/plain; version=0.0.4",
+                        handle.render() + &crate::latency::render(),
+                    ),
                     "/health" | "/health/ready" | "/health/live" => {
                         let (ok, body) = health.report();
                         let status = if ok || path == "/health/live" {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod endpoint;
 pub mod http;
 pub mod kafka;
+pub mod latency;
 pub mod shutdown;
 pub mod tls;
 

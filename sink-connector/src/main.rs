@@ -106,7 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let handle = service::http::install_recorder(
                     include_str!("../../docs/metrics.md"),
                     "sink_",
-                    &["sink_end_to_end_seconds", "sink_stage_latency_seconds"],
+                    &[],
                 )?;
                 let health = service::http::Health::default();
                 let addr =

@@ -217,8 +217,13 @@ fn registered_metrics() -> BTreeMap<String, String> {
             continue;
         }
         let text = read(&path);
-        for kind in ["counter", "gauge", "histogram"] {
-            let opener = format!("{kind}!(");
+        // `service::latency` histograms: `Histogram::register("name"`.
+        for (kind, opener) in [
+            ("counter", "counter!("),
+            ("gauge", "gauge!("),
+            ("histogram", "histogram!("),
+            ("histogram", "Histogram::register("),
+        ] {
             for (at, _) in text.match_indices(&opener) {
                 let rest = text[at + opener.len()..].trim_start();
                 if let Some(rest) = rest.strip_prefix('"') {

@@ -13,26 +13,48 @@ use proto::Position;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::FutureRecord;
 use service::backoff::Backoff;
+use service::latency;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// A record's latency, capture → applied, whole and by stage.
+/// Records' latencies, capture → applied, whole and by stage: counted per record, added to the
+/// histograms once per transaction ([`service::latency`]).
 #[derive(Debug)]
 pub(super) struct Latency {
-    end_to_end: metrics::Histogram,
+    end_to_end: Stage,
     /// Capture → the message's Kafka timestamp: the source connector's share.
-    source: metrics::Histogram,
+    source: Stage,
     /// Kafka timestamp → taken by the lane: the producer's batching, the broker and the fetch.
-    kafka: metrics::Histogram,
+    kafka: Stage,
     /// Taken by the lane → applied: decoding, batching, barriers, retries and the write.
-    sink: metrics::Histogram,
+    sink: Stage,
+}
+
+#[derive(Debug)]
+struct Stage {
+    histogram: latency::Histogram,
+    tally: latency::Tally,
+}
+
+impl Stage {
+    fn new(histogram: latency::Histogram) -> Stage {
+        Stage {
+            histogram,
+            tally: latency::Tally::default(),
+        }
+    }
 }
 
 impl Latency {
     pub(super) fn new() -> Latency {
-        let stage = |s: &'static str| histogram!("sink_stage_latency_seconds", "stage" => s);
+        let stage = |s: &str| {
+            Stage::new(latency::Histogram::register(
+                "sink_stage_latency_seconds",
+                &[("stage", s)],
+            ))
+        };
         Latency {
-            end_to_end: histogram!("sink_end_to_end_seconds"),
+            end_to_end: Stage::new(latency::Histogram::register("sink_end_to_end_seconds", &[])),
             source: stage("source"),
             kafka: stage("kafka"),
             sink: stage("sink"),
@@ -40,14 +62,25 @@ impl Latency {
     }
 
     /// A record captured at `capture_ms`, carried by `message`, applied at `applied_ms`.
-    pub(super) fn record(&self, capture_ms: i64, message: &Incoming, applied_ms: i64) {
-        let secs = |from: i64, to: i64| (to - from).max(0) as f64 / 1000.0;
-        self.end_to_end.record(secs(capture_ms, applied_ms));
+    pub(super) fn record(&mut self, capture_ms: i64, message: &Incoming, applied_ms: i64) {
+        self.end_to_end.tally.record_ms(applied_ms - capture_ms);
         if let Some(kafka_ms) = message.kafka_ms() {
-            self.source.record(secs(capture_ms, kafka_ms));
-            self.kafka.record(secs(kafka_ms, message.taken_ms()));
+            self.source.tally.record_ms(kafka_ms - capture_ms);
+            self.kafka.tally.record_ms(message.taken_ms() - kafka_ms);
         }
-        self.sink.record(secs(message.taken_ms(), applied_ms));
+        self.sink.tally.record_ms(applied_ms - message.taken_ms());
+    }
+
+    /// Adds what [`Latency::record`] counted to the histograms.
+    pub(super) fn publish(&mut self) {
+        for s in [
+            &mut self.end_to_end,
+            &mut self.source,
+            &mut self.kafka,
+            &mut self.sink,
+        ] {
+            s.histogram.add(&mut s.tally);
+        }
     }
 }
 
@@ -207,13 +240,14 @@ impl Lane {
     /// Applies records (all of one slot on a cluster) and their checkpoint in one transaction.
     pub(super) async fn flush_one(&mut self, batch: &mut Vec<Pending>) -> Result<(), Stop> {
         while !batch.is_empty() {
+            // The records' ops are moved into the transaction (and back if it fails for one).
             let mut ops: Vec<Op> = Vec::new();
             let mut owner: Vec<usize> = Vec::new();
             let mut last: HashMap<String, Position> = HashMap::new();
-            for (i, p) in batch.iter().enumerate() {
-                ops.extend(p.ops.iter().cloned());
+            for (i, p) in batch.iter_mut().enumerate() {
                 owner.extend(std::iter::repeat_n(i, p.ops.len()));
-                last.insert(p.shard.clone(), p.position);
+                ops.append(&mut p.ops);
+                note_position(&mut last, &p.shard, p.position);
             }
             let positions: Vec<(String, Position)> = last.into_iter().collect();
             let through = batch[batch.len() - 1].offset;
@@ -233,7 +267,8 @@ impl Lane {
                     for p in batch.iter() {
                         self.latency.record(p.capture_ms, &p.message, now);
                     }
-                    let n_cmds: usize = batch.iter().map(|p| p.ops.len()).sum();
+                    self.latency.publish();
+                    let n_cmds = owner.len();
                     counter!("sink_records_applied_total", "partition" => self.label.clone())
                         .increment(batch.len() as u64);
                     counter!("sink_commands_applied_total", "partition" => self.label.clone())
@@ -254,6 +289,9 @@ impl Lane {
                 }
                 Err(ApplyFailure::Stop(s)) => return Err(s),
                 Err(ApplyFailure::Record { op, error }) => {
+                    for (op, &i) in ops.into_iter().zip(&owner) {
+                        batch[i].ops.push(op);
+                    }
                     // A permanent error that stopped the whole transaction: find its record.
                     let culprit = op.and_then(|i| owner.get(i).copied()).unwrap_or(0);
                     let p = batch.remove(culprit);
@@ -446,6 +484,16 @@ impl Lane {
                 Ok(())
             }
             _ => Err(self.halt(what)),
+        }
+    }
+}
+
+/// Notes `position` as `shard`'s latest, allocating the shard's name only the first time.
+pub(super) fn note_position(last: &mut HashMap<String, Position>, shard: &str, position: Position) {
+    match last.get_mut(shard) {
+        Some(held) => *held = position,
+        None => {
+            last.insert(shard.to_owned(), position);
         }
     }
 }

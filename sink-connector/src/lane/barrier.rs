@@ -282,6 +282,7 @@ impl Lane {
         histogram!("sink_barrier_wait_seconds", "partition" => self.label.clone())
             .record(started.elapsed().as_secs_f64());
         self.latency.record(capture_ms, message, service::now_ms());
+        self.latency.publish();
         counter!("sink_records_applied_total", "partition" => self.label.clone()).increment(1);
         Ok(())
     }

@@ -313,7 +313,7 @@ impl Lane {
                         }
                         None => {}
                     }
-                    batched.insert(shard.clone(), position);
+                    apply::note_position(&mut batched, &shard, position);
                     batch.push(Pending {
                         offset: message.covers(),
                         slot,
