@@ -369,13 +369,13 @@ pub fn key_chunk(cfg: &Config, chunk: &v1::KeyChunk) -> Vec<Args> {
 }
 
 /// Captured commands, with the operator's renames applied and past expiries deferred.
-pub fn commands(cfg: &Config, commands: &[v1::Command]) -> Vec<Args> {
+pub fn commands(cfg: &Config, commands: impl IntoIterator<Item = v1::Command>) -> Vec<Args> {
     let now = service::now_ms();
     let grace = cfg.apply.expired_grace_ms as i64;
     commands
-        .iter()
+        .into_iter()
         .map(|c| {
-            let mut args = defer_past_expiry(c.args.clone(), now, grace);
+            let mut args = defer_past_expiry(c.args, now, grace);
             if cfg.redis.rename_commands.is_empty() {
                 return args;
             }

@@ -47,7 +47,7 @@ impl Lane {
         let pos_text = Bytes::from(position.to_text());
         let cmds = plan::filtered(
             &self.rules(),
-            convert::commands(&self.env.cfg, &barrier.commands),
+            convert::commands(&self.env.cfg, barrier.commands.clone()),
         );
         // A flush erases the checkpoint hashes and SWAPDB moves them to another db: such
         // barriers rewrite every involved hash after the command, in the same transaction.

@@ -128,26 +128,45 @@ impl Knowledge {
         record: v1::Record,
         offset: i64,
     ) -> Planned {
-        let by_slot = by_slot(rules, &record);
-        let shard = record.source_shard;
+        let mut record = record;
+        let shard = std::mem::take(&mut record.source_shard);
         let position: Position = record.position.unwrap_or_default().into();
         let db = rules.cfg.map_db(record.db);
-        let planned = |step| Planned {
-            shard: shard.clone(),
+        let slot = record.slot.and_then(|s| u16::try_from(s).ok());
+        let capture_ms = record.capture_time_ms;
+        let step = self.step(rules, batched, record, &shard, position, db, offset);
+        Planned {
+            shard,
             position,
-            slot: record.slot.and_then(|s| u16::try_from(s).ok()),
-            capture_ms: record.capture_time_ms,
+            slot,
+            capture_ms,
             db,
             step,
-        };
+        }
+    }
+
+    /// [`Knowledge::plan`]'s step for `record` (its shard taken out) of `shard` at `position`,
+    /// for target db `db`.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        rules: &Rules,
+        batched: &HashMap<String, Position>,
+        record: v1::Record,
+        shard: &str,
+        position: Position,
+        db: u32,
+        offset: i64,
+    ) -> Step {
+        let by_slot = by_slot(rules, &record);
         let Some(body) = record.body else {
-            return planned(Step::Nothing);
+            return Step::Nothing;
         };
         if let Body::Heartbeat(_) = body {
-            return planned(Step::Heartbeat);
+            return Step::Heartbeat;
         }
         let Some(body) = filter(rules.filter, record.db, body) else {
-            return planned(Step::Filtered);
+            return Step::Filtered;
         };
         // On a cluster target a record of a slot is applied with that slot's checkpoint, and
         // the partition's follows: a record either covers is held (a crash between the two
@@ -155,35 +174,35 @@ impl Knowledge {
         // partition's is ahead of them by design and the slot's alone decides. Barriers move the
         // partition checkpoints only: they are judged by those.
         let held = match by_slot {
-            Some(slot) if self.refill_through.is_some() => self.slot_holds(slot, &shard, position),
+            Some(slot) if self.refill_through.is_some() => self.slot_holds(slot, shard, position),
             Some(slot) => {
-                self.is_applied(&shard, position) || self.slot_holds(slot, &shard, position)
+                self.is_applied(shard, position) || self.slot_holds(slot, shard, position)
             }
-            None => self.is_applied(&shard, position),
+            None => self.is_applied(shard, position),
         };
         if let (true, Some(_), Body::Barrier(b)) = (held, self.refill_through, &body) {
-            let cmds = filtered(rules, convert::commands(rules.cfg, &b.commands));
+            let cmds = filtered(rules, convert::commands(rules.cfg, b.commands.clone()));
             if !cmds.is_empty() {
-                return planned(Step::AppliedBefore(cmds));
+                return Step::AppliedBefore(cmds);
             }
         }
-        if held || batched.get(&shard).is_some_and(|b| position <= *b) {
-            return planned(Step::Duplicate);
+        if held || batched.get(shard).is_some_and(|b| position <= *b) {
+            return Step::Duplicate;
         }
         if let Some(n) = rules
             .databases
             .filter(|&n| rules.cfg.redis.select && db >= n)
         {
-            return planned(Step::Reject(format!(
+            return Step::Reject(format!(
                 "partition {} offset {offset} position {position}: record for source db {} (target db {db}) but the target has {n} databases; map it with redis.db_map",
                 rules.partition, record.db
-            )));
+            ));
         }
         let apply = |cmds: Vec<Args>, snapshot| Step::Apply {
             ops: cmds.into_iter().map(|c| Op::data(Some(db), c)).collect(),
             snapshot,
         };
-        let step = match body {
+        match body {
             Body::Barrier(barrier) => Step::Barrier(barrier),
             Body::SnapshotStart(s) => {
                 tracing::info!(partition = rules.partition, shard = %shard, "snapshot of epoch {} begins (RDB version {}, source offset {})", position.epoch, s.rdb_version, s.repl_offset);
@@ -220,16 +239,15 @@ impl Knowledge {
             }
             Body::KeyChunk(chunk) => apply(convert::key_chunk(rules.cfg, &chunk), None),
             Body::Command(c) => {
-                let cmds = convert::commands(rules.cfg, std::slice::from_ref(&c));
+                let cmds = convert::commands(rules.cfg, [c]);
                 apply(restorable(rules, filtered(rules, cmds)), None)
             }
             Body::Transaction(t) => {
-                let cmds = convert::commands(rules.cfg, &t.commands);
+                let cmds = convert::commands(rules.cfg, t.commands);
                 apply(restorable(rules, filtered(rules, cmds)), None)
             }
             Body::Heartbeat(_) => unreachable!("handled above"),
-        };
-        planned(step)
+        }
     }
 }
 
