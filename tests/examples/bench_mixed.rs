@@ -69,7 +69,12 @@ fn main() -> anyhow::Result<()> {
     })?;
     let native = started.elapsed();
 
-    let broker = Broker::start(Storage::Memory)?;
+    // BENCH_STORAGE=sqlite: the broker's on-disk storage instead of its memory one.
+    let storage = match std::env::var("BENCH_STORAGE").as_deref() {
+        Ok("sqlite") => Storage::Sqlite,
+        _ => Storage::Memory,
+    };
+    let broker = Broker::start(storage)?;
     let topic = random_topic("bench-mixed");
     let options = Options {
         partitions: PARTITIONS,

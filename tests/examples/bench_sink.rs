@@ -37,11 +37,22 @@ fn main() -> anyhow::Result<()> {
         Duration::from_secs(60),
         || harness::bench::snapshot_acknowledged(&source_connector),
     )?;
+    let publishers = [source.pid(), source_connector.pid(), broker.pid()];
+    let before = cpu_of(&publishers);
     redis_benchmark_set(source.port(), sets, 64)?;
     let written = source.repl_offset()?;
     harness::bench::wait_acked(&source_connector, written)?;
+    let used: Vec<f64> = cpu_of(&publishers)
+        .iter()
+        .zip(&before)
+        .map(|(after, before)| (after - before) / sets as f64 * 1e6)
+        .collect();
     source_connector.stop();
     println!("{sets} SETs (100k distinct keys, 3-byte values) on topic {topic}");
+    println!(
+        "  publishing them, CPU per SET: source redis {:.2} µs, source connector {:.2} µs, broker {:.2} µs",
+        used[0], used[1], used[2]
+    );
 
     let mut ratios = Vec::new();
     for run in 1..=runs {

@@ -49,6 +49,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// Most bytes of messages a lane takes from its partition's queue at once (one message, however
+/// big, is always taken): with the prefetch, what bounds the records a lane holds.
+const INTAKE_BYTES: usize = 256 << 10;
+
+/// A transaction is cut once its commands hold this many bytes (or `apply.batch_records`
+/// records): it is copied twice more on its way to the socket, so big values must not pile up in
+/// one. With 8 MiB intakes and no byte bound, a snapshot of 8 MB strings (512 KiB pieces) took
+/// the sink to 146-162 MB; with these bounds 86-96 MB
+/// (`pipeline.rs::sink_snapshot_of_big_values_stays_within_128_mb`).
+const TRANSACTION_BYTES: usize = 256 << 10;
+
 /// Why a lane stopped processing.
 #[derive(Debug)]
 pub enum Stop {
@@ -207,6 +218,8 @@ impl Lane {
     /// Processes consecutive records of this partition (see [`Incoming::records`]).
     pub async fn process(&mut self, records: Vec<(Incoming, Decoded)>) -> Result<(), Stop> {
         let mut batch: Vec<Pending> = Vec::new();
+        // The bytes of the commands in `batch`.
+        let mut batch_bytes = 0;
         let mut last_offset = None;
         // The last heartbeat per source shard: once everything before it is applied, this lane
         // holds every write of its slots up to the heartbeat's replication offset.
@@ -314,6 +327,13 @@ impl Lane {
                         None => {}
                     }
                     apply::note_position(&mut batched, &shard, position);
+                    if batch.is_empty() {
+                        batch_bytes = 0;
+                    }
+                    batch_bytes += ops
+                        .iter()
+                        .flat_map(|o| o.args.iter().map(Bytes::len))
+                        .sum::<usize>();
                     batch.push(Pending {
                         offset: message.covers(),
                         slot,
@@ -324,7 +344,9 @@ impl Lane {
                         message,
                     });
                     // One message may hold more records than a transaction takes.
-                    if batch.len() >= self.env.cfg.apply.batch_records {
+                    if batch.len() >= self.env.cfg.apply.batch_records
+                        || batch_bytes >= TRANSACTION_BYTES
+                    {
                         self.flush(&mut batch).await?;
                     }
                 }
@@ -441,7 +463,7 @@ pub async fn run<C: rdkafka::consumer::ConsumerContext + 'static>(
                 }
             };
             let mut bytes = records[0].0.payload().len();
-            while records.len() < batch_records && bytes < 8 << 20 {
+            while records.len() < batch_records && bytes < INTAKE_BYTES {
                 match queue.recv().now_or_never() {
                     Some(Ok(m)) => {
                         bytes += m.payload().map_or(0, <[u8]>::len);
