@@ -91,11 +91,14 @@ pub fn rebuild(
     elements: usize,
 ) -> Vec<Args> {
     let mut out: Vec<Args> = Vec::new();
-    if first {
+    let kind = value.and_then(|v| v.kind.as_ref());
+    // A first string piece is a SET, which replaces whatever the key held: no DEL before it
+    // (two million strings of a snapshot were four million commands on the target).
+    if first && !matches!(kind, Some(Kind::String(_))) {
         out.push(vec![b("DEL"), key.clone()]);
     }
     let per = elements.max(1);
-    match value.and_then(|v| v.kind.as_ref()) {
+    match kind {
         None => {}
         Some(Kind::String(s)) => {
             let cmd = if first { "SET" } else { "APPEND" };
@@ -533,6 +536,30 @@ pub fn rdb_version_for(server: &str, version: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot's string is one SET (which replaces whatever the key held), with its expiry
+    /// after it; a collection's first piece clears the key first, as its commands add to it.
+    #[test]
+    fn a_first_string_piece_is_a_set_and_a_collection_starts_with_del() {
+        let key = b("k");
+        let string = v1::Value {
+            kind: Some(Kind::String(b("v"))),
+        };
+        let cmds = rebuild(&key, Some(&string), true, Some(5_000), true, 100);
+        let names: Vec<&[u8]> = cmds.iter().map(|c| &c[0][..]).collect();
+        assert_eq!(names, [&b"SET"[..], b"PEXPIREAT"]);
+        let list = v1::Value {
+            kind: Some(Kind::List(v1::ListValue {
+                elements: vec![b("a")],
+            })),
+        };
+        let cmds = rebuild(&key, Some(&list), true, None, true, 100);
+        let names: Vec<&[u8]> = cmds.iter().map(|c| &c[0][..]).collect();
+        assert_eq!(names, [&b"DEL"[..], b"RPUSH"]);
+        // A later piece of a chunked string appends.
+        let cmds = rebuild(&key, Some(&string), false, None, true, 100);
+        assert_eq!(cmds, vec![vec![b("APPEND"), key.clone(), b("v")]]);
+    }
 
     /// A pending entry whose message was deleted: added as a placeholder in id order, claimed,
     /// deleted again, and the counters set again afterwards. In a later piece of a chunked

@@ -107,8 +107,21 @@ fn main() -> anyhow::Result<()> {
     // `source_offset_acked`: every snapshot record carries the FULLRESYNC offset, so it reaches
     // it with the first one.)
     let mut rdb_read = None;
+    // Each second: the CPU each process used in it and the keys the target holds, to see which
+    // stage is busy when (the stage split the issue asks for).
+    let timeline_pids = [pids.source_connector, pids.broker, pids.sink, pids.target];
+    let mut timeline: Vec<(f64, [f64; 4], u64)> = Vec::new();
+    let mut last_cpu = [0.0, cpu_before[1], 0.0, cpu_before[2]];
     poll("the target to hold the snapshot", || {
         peak.sample(&pids);
+        let t = started.elapsed().as_secs_f64();
+        if t >= timeline.len() as f64 + 1.0 {
+            let now = timeline_pids.map(cpu_seconds);
+            let used = std::array::from_fn(|i| now[i] - last_cpu[i]);
+            last_cpu = now;
+            let keys = target.cmd::<u64>(&["DBSIZE"]).unwrap_or(0);
+            timeline.push((t, used, keys));
+        }
         if rdb_read.is_none()
             && source_connector
                 .metric("source_snapshot_progress_ratio", &[])
@@ -143,6 +156,13 @@ fn main() -> anyhow::Result<()> {
         "  peak RSS: source-connector {} MB, sink-connector {} MB (goal <= 128)",
         peak.source_connector, peak.sink
     );
+    println!("  each second: CPU s of source-connector / broker / sink-connector / target redis, keys the target holds");
+    for (t, used, keys) in &timeline {
+        println!(
+            "    {t:5.1} s  {:.2} / {:.2} / {:.2} / {:.2}  {keys}",
+            used[0], used[1], used[2], used[3]
+        );
+    }
 
     // ---- 2. incremental SETs ----
     let set_args = |n: u64| {
