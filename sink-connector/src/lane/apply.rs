@@ -8,7 +8,7 @@ use crate::config::{Conflict, OnError};
 use crate::incoming::Incoming;
 use crate::target::{self, ApplyError, Op};
 use bytes::Bytes;
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge};
 use proto::Position;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::FutureRecord;
@@ -269,18 +269,16 @@ impl Lane {
                     }
                     self.latency.publish();
                     let n_cmds = owner.len();
-                    counter!("sink_records_applied_total", "partition" => self.label.clone())
-                        .increment(batch.len() as u64);
-                    counter!("sink_commands_applied_total", "partition" => self.label.clone())
-                        .increment(n_cmds as u64);
-                    histogram!("sink_apply_seconds", "partition" => self.label.clone())
+                    self.hot.records_applied.increment(batch.len() as u64);
+                    self.hot.commands_applied.increment(n_cmds as u64);
+                    self.hot
+                        .apply_seconds
                         .record(started.elapsed().as_secs_f64());
                     if let Some(p) = batch.last() {
-                        gauge!("sink_applied_offset", "partition" => self.label.clone())
-                            .set(p.offset as f64);
-                        gauge!("sink_applied_repl_offset", "partition" => self.label.clone())
-                            .set(p.position.offset as f64);
-                        gauge!("sink_lag_seconds", "partition" => self.label.clone())
+                        self.hot.applied_offset.set(p.offset as f64);
+                        self.hot.applied_repl_offset.set(p.position.offset as f64);
+                        self.hot
+                            .lag_seconds
                             .set((now - p.capture_ms).max(0) as f64 / 1000.0);
                     }
                     self.note_applied(positions);

@@ -283,7 +283,7 @@ impl Lane {
             .record(started.elapsed().as_secs_f64());
         self.latency.record(capture_ms, message, service::now_ms());
         self.latency.publish();
-        counter!("sink_records_applied_total", "partition" => self.label.clone()).increment(1);
+        self.hot.records_applied.increment(1);
         Ok(())
     }
 

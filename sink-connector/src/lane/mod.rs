@@ -123,10 +123,43 @@ pub struct Lane {
     /// deliver (see [`Lane::starved`]).
     starved_since: Option<Instant>,
     control: watch::Receiver<bool>,
-    /// Per-record metrics, registered once.
+    /// Metrics recorded per record or per transaction, registered once.
+    hot: HotMetrics,
+    latency: Latency,
+}
+
+/// A lane's metrics recorded per record or per transaction: registered once instead of looked
+/// up (with a label allocated) each time.
+#[derive(Debug)]
+struct HotMetrics {
     skipped_duplicates: metrics::Counter,
     snapshot_keys: metrics::Counter,
-    latency: Latency,
+    records_applied: metrics::Counter,
+    commands_applied: metrics::Counter,
+    apply_seconds: metrics::Histogram,
+    applied_offset: metrics::Gauge,
+    applied_repl_offset: metrics::Gauge,
+    lag_seconds: metrics::Gauge,
+    batch_records: metrics::Histogram,
+    consumed_offset: metrics::Gauge,
+}
+
+impl HotMetrics {
+    fn new(label: &str) -> HotMetrics {
+        let p = || label.to_owned();
+        HotMetrics {
+            skipped_duplicates: counter!("sink_records_skipped_total", "partition" => p(), "reason" => "duplicate"),
+            snapshot_keys: counter!("sink_snapshot_keys_total", "partition" => p()),
+            records_applied: counter!("sink_records_applied_total", "partition" => p()),
+            commands_applied: counter!("sink_commands_applied_total", "partition" => p()),
+            apply_seconds: histogram!("sink_apply_seconds", "partition" => p()),
+            applied_offset: gauge!("sink_applied_offset", "partition" => p()),
+            applied_repl_offset: gauge!("sink_applied_repl_offset", "partition" => p()),
+            lag_seconds: gauge!("sink_lag_seconds", "partition" => p()),
+            batch_records: histogram!("sink_batch_records", "partition" => p()),
+            consumed_offset: gauge!("sink_consumed_offset", "partition" => p()),
+        }
+    }
 }
 
 /// A record being applied, with where it came from.
@@ -151,8 +184,7 @@ impl Lane {
         let key = checkpoint_key(&env.cfg, &env.topic, partition);
         let label = partition.to_string();
         Ok(Lane {
-            skipped_duplicates: counter!("sink_records_skipped_total", "partition" => label.clone(), "reason" => "duplicate"),
-            snapshot_keys: counter!("sink_snapshot_keys_total", "partition" => label.clone()),
+            hot: HotMetrics::new(&label),
             latency: Latency::new(),
             label,
             env,
@@ -287,7 +319,7 @@ impl Lane {
                     counter!("sink_records_skipped_total", "partition" => self.label.clone(), "reason" => "filtered").increment(1);
                 }
                 Step::Duplicate => {
-                    self.skipped_duplicates.increment(1);
+                    self.hot.skipped_duplicates.increment(1);
                     tracing::trace!(
                         partition = self.partition,
                         offset = message.offset(),
@@ -320,7 +352,7 @@ impl Lane {
                 }
                 Step::Apply { ops, snapshot } => {
                     match snapshot {
-                        Some(SnapshotPart::Key) => self.snapshot_keys.increment(1),
+                        Some(SnapshotPart::Key) => self.hot.snapshot_keys.increment(1),
                         Some(SnapshotPart::End) => {
                             snapshots_ended.push((shard.clone(), position.epoch))
                         }
@@ -361,7 +393,7 @@ impl Lane {
         for (shard, (position, capture_ms)) in heartbeats {
             self.caught_up(&shard, position, capture_ms);
         }
-        histogram!("sink_batch_records", "partition" => self.label.clone()).record(count as f64);
+        self.hot.batch_records.record(count as f64);
         // Messages that applied nothing (heartbeats, replays, filtered records) move the
         // checkpoint's partition offset too (on an idle source about once a second): a restart
         // then does not go back over them, and once retention deletes them they are not taken
@@ -371,7 +403,7 @@ impl Lane {
         }
         if let Some(offset) = last_offset {
             self.env.partitions.commit(self.partition, offset);
-            gauge!("sink_consumed_offset", "partition" => self.label.clone()).set(offset as f64);
+            self.hot.consumed_offset.set(offset as f64);
         }
         Ok(())
     }
@@ -399,7 +431,7 @@ impl Lane {
         gauge!("sink_caught_up_repl_offset", &labels).set(position.offset as f64);
         gauge!("sink_caught_up_timestamp_seconds", &labels).set(capture_ms as f64 / 1000.0);
         let lag = (service::now_ms() - capture_ms).max(0) as f64 / 1000.0;
-        gauge!("sink_lag_seconds", "partition" => self.label.clone()).set(lag);
+        self.hot.lag_seconds.set(lag);
     }
 
     pub(super) fn halt(&mut self, what: &str) -> Stop {
