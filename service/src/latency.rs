@@ -80,15 +80,14 @@ impl Histogram {
 
     /// Adds what `tally` holds to the series and empties it.
     pub fn add(&self, tally: &mut Tally) {
-        if tally.sum_ms == 0 && tally.counts.iter().all(|&c| c == 0) {
-            return;
-        }
         for (shared, local) in self.0.counts.iter().zip(&tally.counts) {
             if *local > 0 {
                 shared.fetch_add(*local, Relaxed);
             }
         }
-        self.0.sum_ms.fetch_add(tally.sum_ms, Relaxed);
+        if tally.sum_ms > 0 {
+            self.0.sum_ms.fetch_add(tally.sum_ms, Relaxed);
+        }
         *tally = Tally::default();
     }
 }

@@ -125,10 +125,9 @@ impl Knowledge {
         &self,
         rules: &Rules,
         batched: &HashMap<String, Position>,
-        record: v1::Record,
+        mut record: v1::Record,
         offset: i64,
     ) -> Planned {
-        let mut record = record;
         let shard = std::mem::take(&mut record.source_shard);
         let position: Position = record.position.unwrap_or_default().into();
         let db = rules.cfg.map_db(record.db);
