@@ -80,3 +80,57 @@ async fn runtime_errors_oom_and_queue_errors() {
     t.exec(&[op(&["INCR", "n"])]).await.unwrap();
     assert_eq!(server.cmd::<i64>(&["GET", "n"]).unwrap(), 3);
 }
+
+/// A transaction left without replies (the target paused) is given up after the response
+/// timeout, and one abandoned half-way (its future dropped) makes the connection unusable: in
+/// both cases the next write reconnects, is refused until the lane verified the target, and the
+/// old connection is closed on the target before it could run what it carried.
+#[tokio::test]
+async fn a_request_without_replies_or_abandoned_reconnects_and_fences_the_old_connection() {
+    let server = RedisServer::start(RedisConfig::default()).unwrap();
+    let text = format!(
+        "[redis]\nurl = \"{}\"\ntimeout_s = 1\n[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\ntopic = \"t\"\n",
+        server.url()
+    );
+    let f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    let mut t = Target::new(&Config::load(Some(f.path())).unwrap()).unwrap();
+    t.exec(&[op(&["INCR", "n"])]).await.unwrap();
+
+    // No replies: writes are held by CLIENT PAUSE for longer than the response timeout (6 s).
+    server
+        .cmd::<()>(&["CLIENT", "PAUSE", "60000", "WRITE"])
+        .unwrap();
+    let started = std::time::Instant::now();
+    let e = t.exec(&[op(&["INCR", "n"])]).await.unwrap_err();
+    assert_eq!(e.code(), "CONNECTION", "{e:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(5), "{e:?}");
+    // The next write reconnects, which closes the old connection (CLIENT KILL does not wait for
+    // the pause), and is refused until the lane has checked the target.
+    let e = t.exec(&[op(&["INCR", "n"])]).await.unwrap_err();
+    assert_eq!(e.code(), "RECONNECTED", "{e:?}");
+    server.cmd::<()>(&["CLIENT", "UNPAUSE"]).unwrap();
+    t.verified();
+    t.exec(&[op(&["INCR", "n"])]).await.unwrap();
+    // The transaction held by the pause never ran: 1, then this one.
+    assert_eq!(server.cmd::<i64>(&["GET", "n"]).unwrap(), 2);
+
+    // Abandoned half-way: the connection is given up, not reused with a reply still due.
+    server
+        .cmd::<()>(&["CLIENT", "PAUSE", "60000", "WRITE"])
+        .unwrap();
+    let dropped = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        t.exec(&[op(&["INCR", "n"])]),
+    )
+    .await;
+    assert!(dropped.is_err(), "the paused write answered: {dropped:?}");
+    let e = t.exec(&[op(&["INCR", "n"])]).await.unwrap_err();
+    assert_eq!(e.code(), "CONNECTION", "{e:?}");
+    let e = t.exec(&[op(&["INCR", "n"])]).await.unwrap_err();
+    assert_eq!(e.code(), "RECONNECTED", "{e:?}");
+    server.cmd::<()>(&["CLIENT", "UNPAUSE"]).unwrap();
+    t.verified();
+    t.exec(&[op(&["INCR", "n"])]).await.unwrap();
+    assert_eq!(server.cmd::<i64>(&["GET", "n"]).unwrap(), 3);
+}

@@ -18,6 +18,8 @@
 //! write for the bursts), and each connector's peak RSS.
 //!
 //! Run: `scripts/bench-mixed.sh [SCALE] [SETS]` (SCALE 1 is the 2.35M keys, ~850 MB).
+//! With `BENCH_PERF=FILE` the sink is recorded by `perf record --call-graph dwarf` into FILE
+//! during the pipeline's SET burst: its profile at the head of the stream.
 
 use harness::bench::{cpu_seconds, rss_mb};
 use harness::broker::{random_topic, Broker, Storage};
@@ -185,6 +187,7 @@ fn main() -> anyhow::Result<()> {
         &mut pids,
         sets,
         &[set_args(sets)],
+        std::env::var("BENCH_PERF").ok(),
     )?;
 
     // ---- 3. incremental, mixed ----
@@ -210,6 +213,7 @@ fn main() -> anyhow::Result<()> {
             command(&["EXPIRE", "mix:h:__rand_int__", "100000"]),
             command(&["DEL", "mix:n:__rand_int__"]),
         ],
+        None,
     )?;
     drop(source_connector);
     Ok(())
@@ -252,7 +256,8 @@ impl Peak {
 /// Writes `writes` commands into the source with one or more `redis-benchmark` runs (`-P 16
 /// -c 50` and each run's `args`), one after the other: first with the connectors stopped, timed
 /// until the native replica holds them; then, once the restarted pipeline has caught up, again,
-/// timed until the target holds them.
+/// timed until the target holds them. With `perf` the sink is recorded into that file meanwhile.
+#[allow(clippy::too_many_arguments)]
 fn burst(
     what: &str,
     source: &RedisServer,
@@ -261,6 +266,7 @@ fn burst(
     pids: &mut Pids,
     writes: u64,
     runs: &[Vec<String>],
+    perf: Option<String>,
 ) -> anyhow::Result<()> {
     // The native replica alone.
     source_connector.stop();
@@ -280,6 +286,17 @@ fn burst(
     pids.sink = sink.pid();
     poll("the pipeline to catch up", || caught_up(sink, end))?;
     let cpu_before = pids.all().map(cpu_seconds);
+    let perf = perf
+        .map(|file| {
+            Command::new("perf")
+                .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+                .arg(&file)
+                .args(["-p", &pids.sink.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        })
+        .transpose()?;
     let mut peak = Peak::default();
     let port = source.port();
     let runs = runs.to_vec();
@@ -294,6 +311,12 @@ fn burst(
         end.is_some_and(|end| caught_up(sink, end))
     })?;
     let ours = started.elapsed();
+    if let Some(mut p) = perf {
+        Command::new("kill")
+            .args(["-INT", &p.id().to_string()])
+            .status()?;
+        p.wait()?;
+    }
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("the writer panicked"))??;

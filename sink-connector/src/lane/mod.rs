@@ -247,9 +247,12 @@ impl Lane {
         }
     }
 
-    /// Processes consecutive records of this partition (see [`Incoming::records`]).
-    pub async fn process(&mut self, records: Vec<(Incoming, Decoded)>) -> Result<(), Stop> {
-        let mut batch: Vec<Pending> = Vec::new();
+    /// Processes consecutive records of this partition (see [`Incoming::read_records`]),
+    /// taking them out of `records`.
+    pub async fn process(&mut self, records: &mut Vec<(Incoming, Decoded)>) -> Result<(), Stop> {
+        let count = records.len();
+        let mut batch: Vec<Pending> =
+            Vec::with_capacity(count.min(self.env.cfg.apply.batch_records));
         // The bytes of the commands in `batch`.
         let mut batch_bytes = 0;
         let mut last_offset = None;
@@ -261,8 +264,7 @@ impl Lane {
         let mut batched: HashMap<String, Position> = HashMap::new();
         // Snapshots whose end marker this call applies: (shard, epoch).
         let mut snapshots_ended: Vec<(String, u64)> = Vec::new();
-        let count = records.len();
-        for (message, decoded) in records {
+        for (message, decoded) in records.drain(..) {
             if let Some(expected) = self.expect_next.filter(|e| message.offset() > *e) {
                 if self.offsets_missing(expected, message.offset()).await? {
                     break;
@@ -455,6 +457,8 @@ pub async fn run<C: rdkafka::consumer::ConsumerContext + 'static>(
     use futures_util::FutureExt;
     use std::sync::atomic::Ordering::SeqCst;
     let mut rewound = false;
+    // The records of one intake, kept across intakes with their capacity.
+    let mut records = Vec::new();
     loop {
         busy.store(true, SeqCst);
         if !lane.active() {
@@ -487,24 +491,27 @@ pub async fn run<C: rdkafka::consumer::ConsumerContext + 'static>(
             };
             lane.fed();
             let taken_ms = service::now_ms();
-            let mut records = match first {
-                Ok(m) => Incoming::records(&m, taken_ms),
+            let mut bytes = match first {
+                Ok(m) => {
+                    records.clear();
+                    Incoming::read_records(&m, taken_ms, &mut records);
+                    m.payload().map_or(0, <[u8]>::len)
+                }
                 Err(e) => {
                     tracing::warn!(partition = lane.partition, "Kafka: {e}");
                     continue;
                 }
             };
-            let mut bytes = records[0].0.payload().len();
             while records.len() < batch_records && bytes < INTAKE_BYTES {
                 match queue.recv().now_or_never() {
                     Some(Ok(m)) => {
                         bytes += m.payload().map_or(0, <[u8]>::len);
-                        records.extend(Incoming::records(&m, taken_ms));
+                        Incoming::read_records(&m, taken_ms, &mut records);
                     }
                     _ => break,
                 }
             }
-            result = lane.process(records).await;
+            result = lane.process(&mut records).await;
         }
         rewound = matches!(result, Err(Stop::Rewind));
         if let Err(Stop::Revoked) = result {

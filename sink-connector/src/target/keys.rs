@@ -24,12 +24,12 @@ impl Target {
 
     /// The dbs that hold keys (`INFO keyspace`; db 0 only on a cluster).
     pub(super) async fn keyspace_dbs(&mut self) -> Result<Vec<u32>, ApplyError> {
-        let mut conn = self.conn().await?;
+        let conn = self.conn().await?;
         if self.cluster.is_some() {
             return Ok(vec![0]);
         }
         let v = self
-            .one(&mut conn, &[cluster::b("INFO"), cluster::b("keyspace")])
+            .one(&conn, &[cluster::b("INFO"), cluster::b("keyspace")])
             .await?;
         let text = match &v {
             Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
@@ -55,12 +55,12 @@ impl Target {
             vec![self.conn().await?]
         };
         let mut keys = Vec::new();
-        for mut conn in conns {
+        for conn in conns {
             let mut cursor = cluster::b("0");
             loop {
                 let v = self
                     .one(
-                        &mut conn,
+                        &conn,
                         &[
                             cluster::b("SCAN"),
                             cursor,

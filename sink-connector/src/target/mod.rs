@@ -4,11 +4,12 @@
 use crate::config::{Config, Mode};
 use crate::convert::Args;
 use bytes::Bytes;
-use redis::aio::MultiplexedConnection;
+use conn::{Conn, Packed};
 use redis::Value;
 use service::endpoint::Endpoint;
 use std::time::Duration;
 
+mod conn;
 mod error;
 mod keys;
 mod routed;
@@ -17,15 +18,6 @@ mod write;
 use error::server_error;
 pub use error::{is_transient, runtime_error, ApplyError};
 pub use keys::refusals;
-
-/// A redis-rs command of `args`, sized up front.
-pub(super) fn command(args: &[Bytes]) -> redis::Cmd {
-    let mut cmd = redis::Cmd::with_capacity(args.len(), args.iter().map(Bytes::len).sum());
-    for a in args {
-        cmd.arg(a.as_ref());
-    }
-    cmd
-}
 
 /// One write: its db (None: wherever the connection is) and arguments.
 #[derive(Debug, Clone)]
@@ -50,8 +42,9 @@ impl Op {
 }
 
 pub struct Target {
-    client: redis::Client,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
+    /// The buffer requests are encoded into, kept between them.
+    scratch: Packed,
     current_db: Option<u32>,
     select: bool,
     timeout: Duration,
@@ -83,7 +76,7 @@ pub struct Target {
 struct ClusterState {
     /// Index into `nodes` of every slot's master.
     owners: Vec<usize>,
-    nodes: Vec<(String, Option<MultiplexedConnection>)>,
+    nodes: Vec<(String, Option<Conn>)>,
     /// Read the slot map again before the next write (MOVED, a lost node).
     stale: bool,
     /// A proxy (`redis.mode = "proxy"`): every slot is reached through the one endpoint, which
@@ -101,19 +94,19 @@ impl std::fmt::Debug for Target {
 
 impl Target {
     pub fn new(cfg: &Config) -> anyhow::Result<Target> {
-        let client = cfg
-            .redis
-            .tls
-            .redis_client(cfg.redis.url.as_str())
-            .map_err(|e| {
+        let seed = Endpoint::parse(&cfg.redis.url)?;
+        if seed.tls {
+            // Unreadable or invalid TLS files are a configuration error, not one to retry.
+            cfg.redis.tls.client_config().map_err(|e| {
                 anyhow::anyhow!(
                     "redis.url {}: {e}",
                     service::config::redact_url(&cfg.redis.url)
                 )
             })?;
+        }
         Ok(Target {
-            client,
             conn: None,
+            scratch: Packed::default(),
             current_db: None,
             select: cfg.redis.select,
             timeout: Duration::from_secs(cfg.redis.timeout_s),
@@ -125,7 +118,7 @@ impl Target {
             unverified: false,
             mode: cfg.redis.mode,
             tls: cfg.redis.tls.clone(),
-            seed: Endpoint::parse(&cfg.redis.url)?,
+            seed,
             cluster: None,
             transactions: cfg.redis.transactions,
         })
@@ -168,36 +161,25 @@ impl Target {
         }
     }
 
-    pub(super) async fn conn(&mut self) -> Result<MultiplexedConnection, ApplyError> {
+    /// A new connection to `endpoint`.
+    pub(super) async fn connect(&mut self, endpoint: &Endpoint) -> Result<Conn, ApplyError> {
+        match Conn::connect(endpoint, &self.tls, self.timeout, self.timeout * 6).await {
+            Ok(c) => Ok(c),
+            Err(e) => Err(self.connection_error(e)),
+        }
+    }
+
+    pub(super) async fn conn(&mut self) -> Result<Conn, ApplyError> {
         if let Some(c) = &self.conn {
             return Ok(c.clone());
         }
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout * 6);
-        let conn = match self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => return Err(self.connection_error(e)),
-        };
+        let seed = self.seed.clone();
+        let conn = self.connect(&seed).await?;
         // The questions below go over a connection of their own: some proxies (twemproxy)
         // close a connection that sends a command they do not know, such as INFO or CONFIG.
-        let mut probe = match self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => return Err(self.connection_error(e)),
-        };
+        let probe = self.connect(&seed).await?;
         // Learn which RDB versions RESTORE accepts (proxies may hide INFO: then rebuild always).
-        let info: Result<String, _> = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut probe)
-            .await;
+        let info: Result<String, _> = probe.query(&["INFO", "server"]).await;
         let mut run_id = None;
         if let Ok(info) = info {
             let field = |name: &str| {
@@ -212,22 +194,16 @@ impl Target {
                 .unwrap_or_default();
             self.restore_max_version = crate::convert::rdb_version_for(&server, &version);
         }
-        let databases: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("databases")
-            .query_async(&mut probe)
-            .await;
+        let databases: Result<Vec<String>, _> = probe.query(&["CONFIG", "GET", "databases"]).await;
         self.databases = databases
             .ok()
             .and_then(|v| v.get(1).and_then(|n| n.parse().ok()));
-        self.current_db = self.client.get_connection_info().redis.db.try_into().ok();
+        // A new connection is in db 0 (`redis.url` names no db).
+        self.current_db = Some(0);
         let cluster = match self.mode {
             Mode::Cluster => true,
             Mode::Auto => {
-                let info: Result<String, _> = redis::cmd("INFO")
-                    .arg("cluster")
-                    .query_async(&mut probe)
-                    .await;
+                let info: Result<String, _> = probe.query(&["INFO", "cluster"]).await;
                 info.is_ok_and(|i| i.lines().any(|l| l.trim() == "cluster_enabled:1"))
             }
             // A proxy that takes transactions takes them in one slot only (DCS Proxy Cluster,
@@ -236,7 +212,7 @@ impl Target {
             Mode::Standalone => false,
         };
         if let Some(run_id) = run_id.filter(|_| !cluster) {
-            self.fence(&mut probe, conn.clone(), run_id).await;
+            self.fence(&probe, &conn, run_id).await;
         }
         drop(probe);
         if cluster && self.cluster.is_none() {
@@ -277,20 +253,11 @@ impl Target {
     ///
     /// Client ids count from 1 again when the server restarts: the old id is only closed on the
     /// server instance (`run_id`) that gave it, never on another, where it may be anyone's.
-    pub(super) async fn fence(
-        &mut self,
-        probe: &mut MultiplexedConnection,
-        mut conn: MultiplexedConnection,
-        run_id: String,
-    ) {
+    pub(super) async fn fence(&mut self, probe: &Conn, conn: &Conn, run_id: String) {
         let same_server = self.client_id.as_ref().is_some_and(|(r, _)| *r == run_id);
         if let Some((_, old)) = self.client_id.take().filter(|_| same_server) {
-            let killed: Result<i64, _> = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("ID")
-                .arg(old)
-                .query_async(probe)
-                .await;
+            let old_id = old.to_string();
+            let killed: Result<i64, _> = probe.query(&["CLIENT", "KILL", "ID", &old_id]).await;
             if killed == Ok(1) {
                 tracing::warn!(
                     "target {}: the previous connection (client id {old}) was still open on the target; closed it, so that a write it may still carry cannot run after this reconnection",
@@ -299,9 +266,8 @@ impl Target {
                 metrics::counter!("sink_target_stale_connections_closed_total").increment(1);
             }
         }
-        self.client_id = redis::cmd("CLIENT")
-            .arg("ID")
-            .query_async(&mut conn)
+        self.client_id = conn
+            .query(&["CLIENT", "ID"])
             .await
             .ok()
             .map(|id: i64| (run_id, id));
@@ -309,14 +275,14 @@ impl Target {
 
     /// Runs one command outside a transaction (checkpoint reads, barrier markers).
     pub async fn query(&mut self, args: &[Bytes]) -> Result<Value, ApplyError> {
-        let mut conn = self.conn().await?;
+        let conn = self.conn().await?;
         if self.cluster.is_some() {
             if args[0].eq_ignore_ascii_case(b"select") {
                 return Ok(Value::Okay);
             }
             return self.query_routed(args).await;
         }
-        let v = self.one(&mut conn, args).await?;
+        let v = self.one(&conn, args).await?;
         if let Some((code, message)) = server_error(&v) {
             return Err(ApplyError::refused(code, message, None));
         }
@@ -349,7 +315,7 @@ impl Target {
     /// Returns the EXEC results, one per op (runtime errors of single commands included).
     /// Refused (transient `RECONNECTED`) on a new connection that the lane has not verified.
     pub async fn exec(&mut self, ops: &[Op]) -> Result<Vec<Value>, ApplyError> {
-        let mut conn = self.conn().await?;
+        let conn = self.conn().await?;
         if self.unverified {
             return Err(ApplyError::Transient {
                 code: "RECONNECTED".into(),
@@ -360,8 +326,8 @@ impl Target {
             return self.exec_cluster(ops).await;
         }
         if !self.transactions {
-            return self.write_plain(&mut conn, ops).await;
+            return self.write_plain(&conn, ops).await;
         }
-        self.transaction(&mut conn, ops, self.select).await
+        self.transaction(&conn, ops, self.select).await
     }
 }

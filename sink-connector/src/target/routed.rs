@@ -2,11 +2,10 @@
 //! connection per master, and each op sent where its slot lives, following `MOVED` and `ASK`.
 
 use super::error::{cross_slot, is_transient, server_error};
-use super::{command, ApplyError, Op, Target};
+use super::{ApplyError, Conn, Op, Packed, Target};
 use crate::cluster::{self, Routing};
 use bytes::Bytes;
 use metrics::counter;
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 use service::backoff::Backoff;
 use std::time::{Duration, Instant};
@@ -15,18 +14,14 @@ impl Target {
     /// Reads the slot map (`CLUSTER SLOTS`) from the seed node. A proxy's one endpoint serves
     /// every slot.
     pub(super) async fn refresh(&mut self) -> Result<(), ApplyError> {
-        let mut conn = self.conn().await?;
+        let conn = self.conn().await?;
         if let Some(state) = self.cluster.as_mut().filter(|c| c.single_endpoint) {
             state.owners = vec![0; 16384];
             state.nodes = vec![(self.address.clone(), None)];
             state.stale = false;
             return Ok(());
         }
-        let reply: Value = match redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(&mut conn)
-            .await
-        {
+        let reply: Value = match conn.query(&["CLUSTER", "SLOTS"]).await {
             Ok(v) => v,
             Err(e) => return Err(self.connection_error(e)),
         };
@@ -61,7 +56,7 @@ impl Target {
     }
 
     /// The connection to node `i` of the cluster (a proxy's: the one connection).
-    pub(super) async fn node(&mut self, i: usize) -> Result<MultiplexedConnection, ApplyError> {
+    pub(super) async fn node(&mut self, i: usize) -> Result<Conn, ApplyError> {
         let state = self.cluster.as_ref().expect("cluster target");
         if state.single_endpoint {
             return self.conn().await;
@@ -72,20 +67,7 @@ impl Target {
         }
         let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), "6379"));
         let endpoint = service::endpoint::at(&self.seed, host, port.parse().unwrap_or(6379));
-        let url = service::endpoint::client_url(&endpoint);
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout * 6);
-        let conn = self
-            .tls
-            .redis_client(&url)
-            .map_err(|e| self.connection_error(e))?
-            .get_multiplexed_async_connection_with_config(&config)
-            .await;
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) => return Err(self.connection_error(e)),
-        };
+        let conn = self.connect(&endpoint).await?;
         if let Some(state) = self.cluster.as_mut() {
             state.nodes[i].1 = Some(conn.clone());
         }
@@ -93,10 +75,7 @@ impl Target {
     }
 
     /// The connection to the master of `slot`.
-    pub(super) async fn slot_conn(
-        &mut self,
-        slot: u16,
-    ) -> Result<MultiplexedConnection, ApplyError> {
+    pub(super) async fn slot_conn(&mut self, slot: u16) -> Result<Conn, ApplyError> {
         if self
             .cluster
             .as_ref()
@@ -112,7 +91,7 @@ impl Target {
     }
 
     /// Connections to every master.
-    pub(super) async fn masters(&mut self) -> Result<Vec<MultiplexedConnection>, ApplyError> {
+    pub(super) async fn masters(&mut self) -> Result<Vec<Conn>, ApplyError> {
         if self
             .cluster
             .as_ref()
@@ -144,14 +123,8 @@ impl Target {
     }
 
     /// One command on one node, outside a transaction.
-    pub(super) async fn one(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        args: &[Bytes],
-    ) -> Result<Value, ApplyError> {
-        let mut pipe = redis::pipe();
-        pipe.add_command(command(args));
-        match conn.send_packed_commands(&pipe, 0, 1).await {
+    pub(super) async fn one(&mut self, conn: &Conn, args: &[Bytes]) -> Result<Value, ApplyError> {
+        match conn.send(Packed::default().push(args)).await {
             Ok(mut v) => Ok(v.pop().unwrap_or(Value::Nil)),
             Err(e) => Err(self.connection_error(e)),
         }
@@ -161,13 +134,13 @@ impl Target {
     pub(super) async fn query_routed(&mut self, args: &[Bytes]) -> Result<Value, ApplyError> {
         match cluster::routing(args) {
             Routing::Slot(slot) => {
-                let mut conn = self.slot_conn(slot).await?;
-                self.checked(&mut conn, args).await
+                let conn = self.slot_conn(slot).await?;
+                self.checked(&conn, args).await
             }
             Routing::AllMasters | Routing::Anywhere => {
                 let mut last = Value::Nil;
-                for mut conn in self.masters().await? {
-                    last = self.checked(&mut conn, args).await?;
+                for conn in self.masters().await? {
+                    last = self.checked(&conn, args).await?;
                 }
                 Ok(last)
             }
@@ -180,8 +153,8 @@ impl Target {
     /// each belongs (barriers and keyless records), which is not atomic.
     pub(super) async fn exec_cluster(&mut self, ops: &[Op]) -> Result<Vec<Value>, ApplyError> {
         if let Some(slot) = cluster::single_slot(ops.iter().map(|o| &o.args)) {
-            let mut conn = self.slot_conn(slot).await?;
-            let result = self.transaction(&mut conn, ops, false).await;
+            let conn = self.slot_conn(slot).await?;
+            let result = self.transaction(&conn, ops, false).await;
             if let Err(e) = &result {
                 self.note_cluster_error(e);
             }
@@ -212,13 +185,13 @@ impl Target {
     pub(super) async fn cluster_op(&mut self, op: &Op, i: usize) -> Result<Value, ApplyError> {
         let v = match cluster::routing(&op.args) {
             Routing::Slot(slot) => {
-                let mut conn = self.slot_conn(slot).await?;
-                self.one(&mut conn, &op.args).await?
+                let conn = self.slot_conn(slot).await?;
+                self.one(&conn, &op.args).await?
             }
             Routing::AllMasters => {
                 let mut last = Value::Okay;
-                for mut conn in self.masters().await? {
-                    last = self.one(&mut conn, &op.args).await?;
+                for conn in self.masters().await? {
+                    last = self.one(&conn, &op.args).await?;
                     if server_error(&last).is_some() {
                         break;
                     }
@@ -226,16 +199,16 @@ impl Target {
                 last
             }
             Routing::Anywhere => {
-                let mut conn = self.slot_conn(0).await?;
-                self.one(&mut conn, &op.args).await?
+                let conn = self.slot_conn(0).await?;
+                self.one(&conn, &op.args).await?
             }
             Routing::CrossSlot => match wire::commands::route(&op.args) {
                 // DEL, UNLINK, MSET, TOUCH …: one command per slot has the same effect.
                 wire::commands::Route::Split(pieces) => {
                     let mut last = Value::Okay;
                     for (slot, args) in pieces {
-                        let mut conn = self.slot_conn(slot.get()).await?;
-                        last = self.one(&mut conn, &args).await?;
+                        let conn = self.slot_conn(slot.get()).await?;
+                        last = self.one(&conn, &args).await?;
                         if server_error(&last).is_some() {
                             break;
                         }
@@ -273,16 +246,16 @@ impl Target {
         let tmp_slot = proto::key_slot(b"redis-repl-tmp").get();
         let mut keys: Vec<Bytes> = indexes.iter().map(|&i| args[i].clone()).collect();
         keys.dedup();
-        let mut tmp_conn = self.slot_conn(tmp_slot).await?;
+        let tmp_conn = self.slot_conn(tmp_slot).await?;
         // Copy in.
         for k in &keys {
-            let mut conn = self.slot_conn(proto::key_slot(k).get()).await?;
-            let (dump, ttl) = self.dump(&mut conn, k).await?;
-            self.checked(&mut tmp_conn, &[cluster::b("DEL"), tmp(k)])
+            let conn = self.slot_conn(proto::key_slot(k).get()).await?;
+            let (dump, ttl) = self.dump(&conn, k).await?;
+            self.checked(&tmp_conn, &[cluster::b("DEL"), tmp(k)])
                 .await?;
             if let Some(dump) = dump {
                 self.checked(
-                    &mut tmp_conn,
+                    &tmp_conn,
                     &[
                         cluster::b("RESTORE"),
                         tmp(k),
@@ -299,7 +272,7 @@ impl Target {
         for &i in &indexes {
             rewritten[i] = tmp(&args[i]);
         }
-        let result = self.one(&mut tmp_conn, &rewritten).await?;
+        let result = self.one(&tmp_conn, &rewritten).await?;
         // Copy out. The command has run: from here on the copies must be finished, whatever the
         // cluster does meanwhile. Started over, it would find its keys moved already (a RENAME's
         // source gone: `ERR no such key`). So a refusal for now (OOM on a key's master, MOVED
@@ -325,8 +298,8 @@ impl Target {
     async fn copy_step(&mut self, step: &CopyStep, tmp_slot: u16) -> Result<(), ApplyError> {
         let (key, write) = match step {
             CopyStep::Back { key, tmp } => {
-                let mut tmp_conn = self.slot_conn(tmp_slot).await?;
-                let (dump, ttl) = self.dump(&mut tmp_conn, tmp).await?;
+                let tmp_conn = self.slot_conn(tmp_slot).await?;
+                let (dump, ttl) = self.dump(&tmp_conn, tmp).await?;
                 let write = match dump {
                     Some(dump) => vec![
                         cluster::b("RESTORE"),
@@ -341,8 +314,8 @@ impl Target {
             }
             CopyStep::DropTmp(tmp) => (tmp, vec![cluster::b("DEL"), tmp.clone()]),
         };
-        let mut conn = self.slot_conn(proto::key_slot(key).get()).await?;
-        self.checked(&mut conn, &write).await.map(|_| ())
+        let conn = self.slot_conn(proto::key_slot(key).get()).await?;
+        self.checked(&conn, &write).await.map(|_| ())
     }
 
     /// Runs `step` until it succeeds or fails for good, retrying refusals for now with backoff
@@ -385,7 +358,7 @@ impl Target {
     /// `DUMP` and remaining TTL in ms (0: none) of a key; `None` when it does not exist.
     pub(super) async fn dump(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &Conn,
         key: &Bytes,
     ) -> Result<(Option<Bytes>, i64), ApplyError> {
         let dump = match self
@@ -408,7 +381,7 @@ impl Target {
     /// One command whose error reply is an error of the write.
     pub(super) async fn checked(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &Conn,
         args: &[Bytes],
     ) -> Result<Value, ApplyError> {
         let v = self.one(conn, args).await?;

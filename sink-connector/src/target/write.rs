@@ -2,8 +2,8 @@
 //! without transactions, pipelined with the checkpoint after every write it covers.
 
 use super::error::{interrupted, server_error};
-use super::{command, ApplyError, Op, Target};
-use redis::aio::MultiplexedConnection;
+use super::{ApplyError, Conn, Op, Packed, Target};
+use bytes::Bytes;
 use redis::Value;
 
 impl Target {
@@ -15,7 +15,7 @@ impl Target {
     /// least once). Returns one result per op, runtime errors included, like `transaction`.
     pub(super) async fn write_plain(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &Conn,
         ops: &[Op],
     ) -> Result<Vec<Value>, ApplyError> {
         let data = ops
@@ -37,25 +37,26 @@ impl Target {
     /// `ops` as one pipeline outside a transaction; one reply per op.
     pub(super) async fn pipelined(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &Conn,
         ops: &[Op],
     ) -> Result<Vec<Value>, ApplyError> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::Pipeline::with_capacity(ops.len());
+        let mut pipe = self.packed(ops);
         let mut selects = Vec::new();
         let mut db = self.current_db;
         for (i, op) in ops.iter().enumerate() {
             if let Some(want) = op.db.filter(|&want| self.select && db != Some(want)) {
-                pipe.cmd("SELECT").arg(want);
+                pipe.push(&["SELECT", &want.to_string()]);
                 selects.push(i + selects.len());
                 db = Some(want);
             }
-            pipe.add_command(command(&op.args));
+            pipe.push(&op.args);
         }
-        let n = ops.len() + selects.len();
-        let values = match conn.send_packed_commands(&pipe, 0, n).await {
+        let sent = conn.send(&pipe).await;
+        self.scratch = pipe;
+        let values = match sent {
             Ok(v) => v,
             Err(e) => return Err(self.connection_error(e)),
         };
@@ -83,12 +84,12 @@ impl Target {
     /// `MULTI`, the ops (with `SELECT` where the db changes when `select`), `EXEC` on `conn`.
     pub(super) async fn transaction(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &Conn,
         ops: &[Op],
         select: bool,
     ) -> Result<Vec<Value>, ApplyError> {
-        let mut pipe = redis::Pipeline::with_capacity(ops.len() + 2);
-        pipe.cmd("MULTI");
+        let mut pipe = self.packed(ops);
+        pipe.push(&["MULTI"]);
         // Index in the EXEC result of each op (SELECTs are results too).
         let mut result_index = Vec::with_capacity(ops.len());
         let mut queued = 0usize;
@@ -97,27 +98,28 @@ impl Target {
             if select {
                 if let Some(want) = op.db {
                     if db != Some(want) {
-                        pipe.cmd("SELECT").arg(want);
+                        pipe.push(&["SELECT", &want.to_string()]);
                         queued += 1;
                         db = Some(want);
                     }
                 }
             }
-            pipe.add_command(command(&op.args));
+            pipe.push(&op.args);
             result_index.push(queued);
             queued += 1;
         }
-        pipe.cmd("EXEC");
+        pipe.push(&["EXEC"]);
         let n = queued + 2;
-        let values = match conn.send_packed_commands(&pipe, 0, n).await {
+        let sent = conn.send(&pipe).await;
+        self.scratch = pipe;
+        let values = match sent {
             Ok(v) => v,
             Err(e) => return Err(self.connection_error(e)),
         };
-        let mut conn = conn.clone();
         // MULTI and the queued replies: an error there means nothing ran.
         for (i, v) in values.iter().take(n - 1).enumerate() {
             if let Some((code, message)) = server_error(v) {
-                self.discard(&mut conn).await;
+                self.discard(conn).await;
                 let op = (i > 0)
                     .then(|| result_index.iter().position(|&r| r == i - 1))
                     .flatten();
@@ -126,7 +128,7 @@ impl Target {
         }
         let exec = values.into_iter().last().unwrap_or(Value::Nil);
         if let Some((code, message)) = server_error(&exec) {
-            self.discard(&mut conn).await;
+            self.discard(conn).await;
             // EXECABORT without a refused queued command: the transaction was dropped whole.
             if code == "EXECABORT" {
                 return Err(ApplyError::Transient { code, message });
@@ -168,7 +170,30 @@ impl Target {
         Ok(of_ops)
     }
 
-    pub(super) async fn discard(&mut self, conn: &mut MultiplexedConnection) {
-        let _: Result<Value, _> = redis::cmd("DISCARD").query_async(conn).await;
+    pub(super) async fn discard(&mut self, conn: &Conn) {
+        let _: Result<Value, _> = conn.query(&["DISCARD"]).await;
     }
+}
+
+impl Target {
+    /// The lane's buffer for a request (kept between requests: a new one for each costs fresh
+    /// pages), empty, with room for `ops`.
+    fn packed(&mut self, ops: &[Op]) -> Packed {
+        let mut pipe = std::mem::take(&mut self.scratch);
+        pipe.reset(KEEP_PACKED);
+        pipe.reserve(encoded_len(ops));
+        pipe
+    }
+}
+
+/// The largest request buffer kept for the next request.
+const KEEP_PACKED: usize = 1 << 20;
+
+/// About the bytes `ops` take in RESP, with `MULTI` and `EXEC`.
+fn encoded_len(ops: &[Op]) -> usize {
+    ops.iter()
+        .flat_map(|op| op.args.iter().map(|a| Bytes::len(a) + 16))
+        .sum::<usize>()
+        + 8 * ops.len()
+        + 32
 }
