@@ -104,7 +104,10 @@ async fn a_request_without_replies_or_abandoned_reconnects_and_fences_the_old_co
     let started = std::time::Instant::now();
     let e = t.exec(&[op(&["INCR", "n"])]).await.unwrap_err();
     assert_eq!(e.code(), "CONNECTION", "{e:?}");
-    assert!(started.elapsed() >= std::time::Duration::from_secs(5), "{e:?}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(5),
+        "{e:?}"
+    );
     // The next write reconnects, which closes the old connection (CLIENT KILL does not wait for
     // the pause), and is refused until the lane has checked the target.
     let e = t.exec(&[op(&["INCR", "n"])]).await.unwrap_err();
