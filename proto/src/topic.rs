@@ -115,11 +115,26 @@ pub fn decode_message(
     content_type: Option<&[u8]>,
     value: &bytes::Bytes,
 ) -> Result<Vec<Entry>, DecodeError> {
+    Ok(record_ranges(content_type, value)?
+        .into_iter()
+        .map(|bytes| Entry {
+            record: decode_record(value.slice(bytes.clone())),
+            bytes,
+        })
+        .collect())
+}
+
+/// Where each record of a message sits in its value, in order: the whole value for a
+/// [`CONTENT_TYPE`] message, each record of a [`CONTENT_TYPE_BATCH`] one. Decode each with
+/// [`decode_one`]. Fails as [`decode_message`] does: for a foreign content type or an
+/// unreadable batch envelope.
+pub fn record_ranges(
+    content_type: Option<&[u8]>,
+    value: &[u8],
+) -> Result<Vec<std::ops::Range<usize>>, DecodeError> {
     if content_type == Some(CONTENT_TYPE.as_bytes()) {
-        return Ok(vec![Entry {
-            bytes: 0..value.len(),
-            record: decode_record(value.clone()),
-        }]);
+        let whole = 0..value.len();
+        return Ok(vec![whole]);
     }
     if content_type != Some(CONTENT_TYPE_BATCH.as_bytes()) {
         return Err(foreign(content_type));
@@ -127,8 +142,8 @@ pub fn decode_message(
     let malformed = |reason: String| DecodeError::Malformed {
         reason: format!("batch envelope: {reason}"),
     };
-    let mut entries = Vec::new();
-    let mut rest = &value[..];
+    let mut ranges = Vec::new();
+    let mut rest = value;
     while !rest.is_empty() {
         let (tag, wire_type) =
             prost::encoding::decode_key(&mut rest).map_err(|e| malformed(e.to_string()))?;
@@ -147,15 +162,18 @@ pub fn decode_message(
             .filter(|&end| end <= value.len())
             .ok_or_else(|| malformed(format!("record of {len} bytes runs past the message")))?;
         rest = &value[end..];
-        entries.push(Entry {
-            bytes: start..end,
-            record: decode_record(value.slice(start..end)),
-        });
+        ranges.push(start..end);
     }
-    if entries.is_empty() {
+    if ranges.is_empty() {
         return Err(malformed("no records".into()));
     }
-    Ok(entries)
+    Ok(ranges)
+}
+
+/// One record of a message, from its bytes (a range [`record_ranges`] gave): its byte fields
+/// share `bytes`' memory.
+pub fn decode_one(bytes: bytes::Bytes) -> Result<v1::Record, DecodeError> {
+    decode_record(bytes)
 }
 
 /// Decodes a message holding one record, given its content-type header value and body.

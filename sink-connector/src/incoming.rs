@@ -58,20 +58,24 @@ impl Incoming {
         let whole = Incoming::new(m, taken_ms);
         let content_type = whole.header(wire::HEADER_CONTENT_TYPE);
         let batched = content_type == Some(wire::CONTENT_TYPE_BATCH.as_bytes());
-        let entries = match wire::decode_message(content_type, &whole.payload()) {
-            Ok(entries) => entries,
+        let ranges = match wire::record_ranges(content_type, &whole.buf[whole.payload.clone()]) {
+            Ok(ranges) => ranges,
             Err(e) => return out.push((whole, Err(e))),
         };
-        let count = entries.len();
-        out.extend(entries.into_iter().enumerate().map(|(i, entry)| {
+        let count = ranges.len();
+        out.reserve(count);
+        let start = whole.payload.start;
+        for (i, range) in ranges.into_iter().enumerate() {
+            let payload = start + range.start..start + range.end;
+            let record = wire::decode_one(whole.buf.slice(payload.clone()));
             let one = Incoming {
                 last: i + 1 == count,
                 batched,
-                payload: entry.bytes,
+                payload,
                 ..whole.clone()
             };
-            (one, entry.record)
-        }));
+            out.push((one, record));
+        }
     }
 
     /// Copies `m`, taken by the lane at `taken_ms` (Unix ms), as one record.
