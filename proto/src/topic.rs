@@ -126,7 +126,7 @@ pub fn decode_message(
 
 /// Where each record of a message sits in its value, in order: the whole value for a
 /// [`CONTENT_TYPE`] message, each record of a [`CONTENT_TYPE_BATCH`] one. Decode each with
-/// [`decode_one`]. Fails as [`decode_message`] does: for a foreign content type or an
+/// [`decode_record`]. Fails as [`decode_message`] does: for a foreign content type or an
 /// unreadable batch envelope.
 pub fn record_ranges(
     content_type: Option<&[u8]>,
@@ -170,12 +170,6 @@ pub fn record_ranges(
     Ok(ranges)
 }
 
-/// One record of a message, from its bytes (a range [`record_ranges`] gave): its byte fields
-/// share `bytes`' memory.
-pub fn decode_one(bytes: bytes::Bytes) -> Result<v1::Record, DecodeError> {
-    decode_record(bytes)
-}
-
 /// Decodes a message holding one record, given its content-type header value and body.
 ///
 /// Checks the header first so a foreign message on the topic gets a clear error instead of a
@@ -195,7 +189,7 @@ fn foreign(content_type: Option<&[u8]>) -> DecodeError {
 
 /// Decodes one encoded record from any buffer: given `bytes::Bytes`, the record's byte fields
 /// share its memory instead of being copied one by one.
-fn decode_record(value: impl bytes::Buf) -> Result<v1::Record, DecodeError> {
+pub fn decode_record(value: impl bytes::Buf) -> Result<v1::Record, DecodeError> {
     let record = v1::Record::decode(value).map_err(|e| DecodeError::Malformed {
         reason: e.to_string(),
     })?;

@@ -67,7 +67,7 @@ impl Incoming {
         let start = whole.payload.start;
         for (i, range) in ranges.into_iter().enumerate() {
             let payload = start + range.start..start + range.end;
-            let record = wire::decode_one(whole.buf.slice(payload.clone()));
+            let record = wire::decode_record(whole.buf.slice(payload.clone()));
             let one = Incoming {
                 last: i + 1 == count,
                 batched,

@@ -5,9 +5,10 @@ use harness::redis::{RedisConfig, RedisServer};
 use sink_connector::config::Config;
 use sink_connector::target::{self, ApplyError, Op, Target};
 
-fn config(url: &str) -> Config {
+/// A configuration for a target at `url`, with `redis` settings besides the URL.
+fn config(url: &str, redis: &str) -> Config {
     let text = format!(
-        "[redis]\nurl = \"{url}\"\n[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\ntopic = \"t\"\n"
+        "[redis]\nurl = \"{url}\"\n{redis}\n[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\ntopic = \"t\"\n"
     );
     let f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     std::fs::write(f.path(), text).unwrap();
@@ -26,7 +27,7 @@ fn op(args: &[&str]) -> Op {
 #[tokio::test]
 async fn runtime_errors_oom_and_queue_errors() {
     let server = RedisServer::start(RedisConfig::default()).unwrap();
-    let mut t = Target::new(&config(&server.url())).unwrap();
+    let mut t = Target::new(&config(&server.url(), "")).unwrap();
     let ops = vec![op(&["INCR", "n"]), op(&["XADD", "s", "1-1", "a", "b"])];
     let r = t.exec(&ops).await.unwrap();
     assert!(target::runtime_error(&r, |_| false).is_none());
@@ -88,13 +89,7 @@ async fn runtime_errors_oom_and_queue_errors() {
 #[tokio::test]
 async fn a_request_without_replies_or_abandoned_reconnects_and_fences_the_old_connection() {
     let server = RedisServer::start(RedisConfig::default()).unwrap();
-    let text = format!(
-        "[redis]\nurl = \"{}\"\ntimeout_s = 1\n[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\ntopic = \"t\"\n",
-        server.url()
-    );
-    let f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    std::fs::write(f.path(), text).unwrap();
-    let mut t = Target::new(&Config::load(Some(f.path())).unwrap()).unwrap();
+    let mut t = Target::new(&config(&server.url(), "timeout_s = 1")).unwrap();
     t.exec(&[op(&["INCR", "n"])]).await.unwrap();
 
     // No replies: writes are held by CLIENT PAUSE for longer than the response timeout (6 s).
@@ -108,15 +103,8 @@ async fn a_request_without_replies_or_abandoned_reconnects_and_fences_the_old_co
         started.elapsed() >= std::time::Duration::from_secs(5),
         "{e:?}"
     );
-    // The next write reconnects, which closes the old connection (CLIENT KILL does not wait for
-    // the pause), and is refused until the lane has checked the target.
-    let e = t.exec(&[op(&["INCR", "n"])]).await.unwrap_err();
-    assert_eq!(e.code(), "RECONNECTED", "{e:?}");
-    server.cmd::<()>(&["CLIENT", "UNPAUSE"]).unwrap();
-    t.verified();
-    t.exec(&[op(&["INCR", "n"])]).await.unwrap();
-    // The transaction held by the pause never ran: 1, then this one.
-    assert_eq!(server.cmd::<i64>(&["GET", "n"]).unwrap(), 2);
+    // The transaction held by the pause never ran: 1, then the one after the reconnection.
+    reconnect_fenced(&mut t, &server, 2).await;
 
     // Abandoned half-way: the connection is given up, not reused with a reply still due.
     server
@@ -130,10 +118,17 @@ async fn a_request_without_replies_or_abandoned_reconnects_and_fences_the_old_co
     assert!(dropped.is_err(), "the paused write answered: {dropped:?}");
     let e = t.exec(&[op(&["INCR", "n"])]).await.unwrap_err();
     assert_eq!(e.code(), "CONNECTION", "{e:?}");
+    reconnect_fenced(&mut t, &server, 3).await;
+}
+
+/// After a connection was given up while writes are paused: the next write reconnects, which
+/// closes the old connection (CLIENT KILL does not wait for the pause), and is refused until the
+/// lane has checked the target; unpaused and verified, one more INCR leaves `n` at `expected`.
+async fn reconnect_fenced(t: &mut Target, server: &RedisServer, expected: i64) {
     let e = t.exec(&[op(&["INCR", "n"])]).await.unwrap_err();
     assert_eq!(e.code(), "RECONNECTED", "{e:?}");
     server.cmd::<()>(&["CLIENT", "UNPAUSE"]).unwrap();
     t.verified();
     t.exec(&[op(&["INCR", "n"])]).await.unwrap();
-    assert_eq!(server.cmd::<i64>(&["GET", "n"]).unwrap(), 3);
+    assert_eq!(server.cmd::<i64>(&["GET", "n"]).unwrap(), expected);
 }

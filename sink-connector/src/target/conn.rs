@@ -155,11 +155,10 @@ impl Conn {
 
     /// One command; an error reply is an `Err`, like redis-rs's `query_async`.
     pub async fn query<T: FromRedisValue, A: AsRef<[u8]>>(&self, args: &[A]) -> RedisResult<T> {
-        let reply = self.send(Packed::default().push(args)).await?;
-        match reply.into_iter().next() {
-            Some(Value::ServerError(e)) => Err(e.into()),
-            Some(v) => redis::from_owned_redis_value(v),
-            None => Ok(T::from_owned_redis_value(Value::Nil)?),
+        let mut reply = self.send(Packed::default().push(args)).await?;
+        match reply.pop().unwrap_or(Value::Nil) {
+            Value::ServerError(e) => Err(e.into()),
+            v => redis::from_owned_redis_value(v),
         }
     }
 }
